@@ -1,0 +1,45 @@
+# token-broker. `make run` starts dev mode; `make test` runs lint, type checks and the suite.
+# Both create the virtualenv (.venv) and install what they need on a fresh machine.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv run test lint typecheck proto proto-lint pytest bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## The broker in dev mode: embedded API-server emulator, plaintext loopback (insecure).
+run: venv
+	$(BIN)/token-broker serve --dev
+
+## Regenerate broker/gen from proto/ (checked in; tests fail when stale).
+proto: venv
+	$(BIN)/python proto/generate.py
+
+proto-lint: venv
+	cd proto && ../$(BIN)/buf lint
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: venv
+	$(BIN)/pytest -q
+
+test: lint typecheck proto-lint pytest
+
+bench: venv
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -10,19 +10,30 @@ from __future__ import annotations
 
 import contextvars
 import ipaddress
+import os
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel, to_snake
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 ENV_PREFIX = "TOKEN_BROKER_"
@@ -53,15 +64,37 @@ class ServerSettings(_Section):
     # Path of a unix socket to listen on as well (or instead).
     unix_socket: Path | None = None
     # File mode of the unix socket: who may connect is decided by file permissions.
+    # Octal: YAML 0660 or "0660"/"0o660" (a string from the environment is read as octal).
     unix_socket_mode: int = 0o660
     tls: TLSSettings | None = None
     # Plaintext TCP needs this AND a loopback address (dev mode sets it).
     allow_plaintext: bool = False
+    # host:port of a plaintext listener serving only grpc.health.v1, for kubelet gRPC probes
+    # (they cannot speak TLS). No tokens are served there, so any address is allowed.
+    health_listen: str | None = None
     # How long in-flight calls may run after SIGTERM before they are cancelled.
     shutdown_grace_seconds: float = Field(default=15.0, ge=0)
     # Close connections after this age so clients rebalance across replicas.
     max_connection_age_seconds: float | None = Field(default=300.0, gt=0)
     max_connection_age_grace_seconds: float = Field(default=30.0, ge=0)
+
+    @field_validator("unix_socket_mode", mode="before")
+    @classmethod
+    def _octal_mode(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return int(value.removeprefix("0o"), 8)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an octal file mode such as 0660") from None
+        return value
+
+    @field_validator("unix_socket_mode")
+    @classmethod
+    def _mode_range(cls, value: int) -> int:
+        if not 0 <= value <= 0o777:
+            # YAML `660` is decimal 660 (0o1224): almost surely meant 0660.
+            raise ValueError(f"{value} is not a file mode; write it in octal, e.g. 0660")
+        return value
 
     @model_validator(mode="after")
     def _some_listener(self) -> ServerSettings:
@@ -128,7 +161,57 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Precedence: flags (init) > environment > the YAML file.
         file_settings = InitSettingsSource(settings_cls, dict(_file_data.get()))
-        return (init_settings, env_settings, file_settings)
+        return tuple(
+            _CanonicalKeys(settings_cls, source)
+            for source in (init_settings, env_settings, file_settings)
+        )
+
+
+class _CanonicalKeys(PydanticBaseSettingsSource):
+    """A source with every known key spelled as its field name.
+
+    The file and flags say `unixSocket`, the environment `unix_socket` (or `unixsocket`):
+    pydantic-settings merges sources by key, so two spellings of one setting would both
+    reach validation and fail as extra inputs instead of overriding each other.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], inner: PydanticBaseSettingsSource):
+        super().__init__(settings_cls)
+        self._inner = inner
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ delegates to the inner source
+
+    def __call__(self) -> dict[str, Any]:
+        return canonical_keys(self._inner(), self.settings_cls)
+
+
+def _squash(name: str) -> str:
+    return name.replace("_", "").lower()
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    candidates = (annotation, *typing.get_args(annotation))
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def canonical_keys(data: Mapping[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+    """`data` with keys matched to `model`'s fields case- and underscore-insensitively
+    renamed to the field names, recursively; unknown keys are kept (and rejected later)."""
+    fields = {_squash(name): (name, info) for name, info in model.model_fields.items()}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name, info = fields.get(_squash(key), (key, None))
+        if name in out:
+            raise SettingsError(f"{to_camel(name)} is given twice (as {key!r} too)")
+        section = _section_model(info.annotation) if info is not None else None
+        if section is not None and isinstance(value, Mapping):
+            value = canonical_keys(value, section)
+        out[name] = value
+    return out
 
 
 # The YAML file's content for the load in progress: pydantic-settings builds its sources
@@ -155,11 +238,23 @@ def read_yaml_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def env_var_name(loc: tuple[int | str, ...]) -> str:
+    """The TOKEN_BROKER_* variable of a settings key: ("server", "unixSocket") ->
+    TOKEN_BROKER_SERVER__UNIX_SOCKET."""
+    return ENV_PREFIX + "__".join(to_snake(str(p)).upper() for p in loc)
+
+
 def format_validation_error(exc: ValidationError, source: str) -> str:
     lines = [f"invalid configuration ({source}):"]
+    environ = {k.upper() for k in os.environ}
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  {key}: {err['msg']}")
+        # Keys as the YAML spells them, whichever source used the snake_case name.
+        key = ".".join(to_camel(p) if isinstance(p, str) else str(p) for p in err["loc"])
+        key = key or "(top level)"
+        # Name the variable when one is set for this key: the bad value may be its.
+        env = env_var_name(err["loc"])
+        hint = f" ({env} is set)" if err["loc"] and env in environ else ""
+        lines.append(f"  {key}{hint}: {err['msg']}")
     return "\n".join(lines)
 
 
@@ -168,12 +263,17 @@ def load_settings(
 ) -> Settings:
     """Load settings from the file, TOKEN_BROKER_* variables and flag overrides (nested dict)."""
     file_data = read_yaml_file(config_file) if config_file is not None else {}
-    source = str(config_file) if config_file is not None else "environment and flags"
+    source = (f"{config_file}, " if config_file is not None else "") + (
+        f"{ENV_PREFIX}* environment, flags"
+    )
     token = _file_data.set(file_data)
     try:
         return Settings(**(overrides or {}))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
+    except SettingsError as exc:
+        # A key given twice, or a TOKEN_BROKER_* value that is not valid JSON.
+        raise ConfigError(f"invalid configuration ({source}): {exc}") from None
     finally:
         _file_data.reset(token)
 
@@ -187,3 +287,38 @@ def is_loopback_address(listen: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def split_host_port(listen: str, key: str = "server.listen") -> tuple[str, int]:
+    """Split `host:port` (IPv6 as `[::1]:50051`); the host keeps its brackets."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{key}: {listen!r} is not host:port")
+    return host, int(port)
+
+
+def check_transport_security(settings: Settings) -> None:
+    """Refuse plaintext TCP except on loopback with allowPlaintext (or in dev mode).
+
+    Tokens are bearer credentials: over plaintext anyone on the path could replay them. Dev
+    mode implies allowPlaintext but still only on loopback. Unix sockets may be plaintext:
+    their file mode decides who may connect.
+    """
+    server = settings.server
+    if server.health_listen is not None:
+        split_host_port(server.health_listen, "server.healthListen")
+    if server.listen is None:
+        return
+    split_host_port(server.listen)
+    if server.tls is not None:
+        return
+    if not (server.allow_plaintext or settings.dev):
+        raise ConfigError(
+            f"server.tls: plaintext TCP on {server.listen} refused; configure server.tls "
+            "(certFile, keyFile), or set server.allowPlaintext on a loopback address"
+        )
+    if not is_loopback_address(server.listen):
+        raise ConfigError(
+            f"server.listen: plaintext is only allowed on a loopback address, not "
+            f"{server.listen}; configure server.tls to listen there"
+        )

@@ -1,0 +1,122 @@
+"""Logging: JSON lines for production, readable text for dev, and a redaction safety net.
+
+The code never logs a token on purpose; `RedactFilter` masks anything that still looks like
+one (a JWT, a `Bearer` value, a quoted `"token": "..."` field) in the message, its arguments,
+extra fields and exception text, on every handler this module installs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from broker.config import LogSettings
+
+REDACTED = "<redacted>"
+
+_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # A JWS/JWT: three base64url parts, the header starting with '{"' (eyJ).
+    (re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), REDACTED),
+    (re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+"), rf"\g<1>{REDACTED}"),
+    (
+        re.compile(
+            r"""(?i)(["']?\b(?:token|access_token|id_token|password|client_secret)["']?"""
+            r"""\s*:\s*["'])[^"']+"""
+        ),
+        rf"\g<1>{REDACTED}",
+    ),
+)
+
+# Attributes every LogRecord has; anything else was passed as `extra=`.
+_STANDARD_ATTRS = frozenset(
+    vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None)).keys()
+) | {"message", "asctime", "taskName"}
+
+
+def redact(text: str) -> str:
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS}
+
+
+class RedactFilter(logging.Filter):
+    """Masks token-like strings in a record before any formatter sees it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):
+            message = f"{record.msg!r} {record.args!r}"
+        # Formatted once here, so a redacted argument cannot be re-expanded later.
+        record.msg = redact(message)
+        record.args = None
+        for key, value in extra_fields(record).items():
+            if isinstance(value, str):
+                setattr(record, key, redact(value))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, then the extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in extra_fields(record).items():
+            entry.setdefault(key, value)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """`12:00:00.123 INFO  broker.server: message key=value` for a terminal."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"
+        )
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = extra_fields(record)
+        if not fields:
+            return text
+        first, sep, rest = text.partition("\n")
+        pairs = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        return f"{first} {pairs}{sep}{rest}"
+
+
+def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> logging.Handler:
+    """Route all logging to one redacting handler on `stream` (stderr); returns the handler."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.addFilter(RedactFilter())
+    handler.setFormatter(JsonFormatter() if settings.format == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(settings.level.upper())
+    # The Kubernetes client logs request and response bodies (tokens) at debug level.
+    logging.getLogger("kubernetes").setLevel(max(root.level, logging.INFO))
+    return handler

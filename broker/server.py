@@ -1,0 +1,297 @@
+"""The gRPC server: listeners, TLS, health, reflection and graceful shutdown. Wiring only.
+
+The request path lives in `broker.service`; this module binds it to TCP and/or a unix socket
+next to the standard `grpc.health.v1.Health` and server reflection services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import stat
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from grpc import aio
+from grpc_health.v1 import _async as health_aio  # the asyncio HealthServicer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from broker.config import (
+    ConfigError,
+    Settings,
+    check_transport_security,
+    split_host_port,
+)
+from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
+from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
+from broker.service import TokenBrokerServicer
+from broker.tls import ServerTLSMaterial, load_tls_material_async
+from broker.upstream import UpstreamClient
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["TokenBrokerService"].full_name
+HEALTH_SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# Requests are a few hundred bytes; anything near this is abuse.
+MAX_RECEIVE_MESSAGE_BYTES = 1024 * 1024
+
+
+def channel_options(settings: Settings) -> list[tuple[str, Any]]:
+    server = settings.server
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
+        # Linux defaults to SO_REUSEPORT, which lets a second broker bind the same port
+        # silently and steal half the connections; a busy port must fail the start instead.
+        ("grpc.so_reuseport", 0),
+    ]
+    if server.max_connection_age_seconds is not None:
+        # Long-lived HTTP/2 connections pin clients to one replica; age them out.
+        options += [
+            ("grpc.max_connection_age_ms", int(server.max_connection_age_seconds * 1000)),
+            (
+                "grpc.max_connection_age_grace_ms",
+                int(server.max_connection_age_grace_seconds * 1000),
+            ),
+        ]
+    return options
+
+
+class BrokerServer:
+    """The broker's gRPC server. `start()`, then `stop()` (or use `async with`).
+
+    An upstream passed in belongs to the caller; one created by `start()` is closed by `stop()`.
+    """
+
+    def __init__(self, settings: Settings, *, upstream: UpstreamClient | None = None) -> None:
+        self.settings = settings
+        self._upstream = upstream
+        self._owns_upstream = upstream is None
+        self._server: aio.Server | None = None
+        self._health: Any = None  # health_aio.HealthServicer (the stubs lack the aio module)
+        self._address: str | None = None
+        self._health_server: aio.Server | None = None
+        self._health_address: str | None = None
+        self._unix_socket: Path | None = None
+        self._stopped = False
+
+    @property
+    def address(self) -> str:
+        """host:port of the TCP listener, with the real port when 0 was asked for."""
+        if self._address is None:
+            raise RuntimeError("no TCP listener (not started, or server.listen is unset)")
+        return self._address
+
+    @property
+    def health_address(self) -> str | None:
+        """host:port of the plaintext health-only listener, if configured."""
+        return self._health_address
+
+    @property
+    def unix_socket(self) -> Path | None:
+        return self._unix_socket
+
+    @property
+    def upstream(self) -> UpstreamClient:
+        if self._upstream is None:
+            raise RuntimeError("server not started")
+        return self._upstream
+
+    async def start(self) -> None:
+        """Check the settings, bind the listeners and start serving. Raises ConfigError."""
+        if self._server is not None:
+            raise RuntimeError("server already started")
+        cfg = self.settings.server
+        check_transport_security(self.settings)
+        tls = await load_tls_material_async(cfg.tls) if cfg.tls is not None else None
+        if cfg.unix_socket is not None:
+            await _remove_stale_socket(cfg.unix_socket)
+        if self._upstream is None:
+            self._upstream = await UpstreamClient.from_settings(self.settings.kubernetes)
+
+        server = aio.server(options=channel_options(self.settings))
+        try:
+            pb_grpc.add_TokenBrokerServiceServicer_to_server(
+                TokenBrokerServicer(self._upstream), server
+            )
+            self._health = health_aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+            for name in ("", SERVICE_NAME):
+                await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            reflection.enable_server_reflection(
+                [SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server
+            )
+            if cfg.listen is not None:
+                host, _ = split_host_port(cfg.listen)
+                creds = tls.credentials() if tls is not None else None
+                port = _bind(server, cfg.listen, creds, "server.listen")
+                self._address = f"{host}:{port}"
+            if cfg.unix_socket is not None:
+                # Plaintext: who may connect is decided by the file mode below.
+                _bind(server, f"unix:{cfg.unix_socket}", None, "server.unixSocket")
+                await asyncio.to_thread(os.chmod, cfg.unix_socket, cfg.unix_socket_mode)
+                self._unix_socket = cfg.unix_socket
+            await server.start()
+            if cfg.health_listen is not None:
+                await self._start_health_server(cfg.health_listen)
+        except BaseException:
+            await server.stop(None)
+            if self._health_server is not None:
+                await self._health_server.stop(None)
+                self._health_server = None
+            if self._unix_socket is not None:
+                await asyncio.to_thread(self._unix_socket.unlink, missing_ok=True)
+                self._unix_socket = None
+            if self._owns_upstream and self._upstream is not None:
+                await self._upstream.close()
+                self._upstream = None
+            raise
+        self._server = server
+        logger.info(
+            "token broker serving",
+            extra={
+                "listen": self._address,
+                "health_listen": self._health_address,
+                "unix_socket": str(self._unix_socket) if self._unix_socket else None,
+                "tls": _tls_mode(tls),
+            },
+        )
+
+    async def _start_health_server(self, listen: str) -> None:
+        # Same HealthServicer: probes see exactly what gRPC clients see, NOT_SERVING included.
+        health_server = aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, health_server)
+        self._health_server = health_server
+        port = _bind(health_server, listen, None, "server.healthListen")
+        self._health_address = f"{split_host_port(listen)[0]}:{port}"
+        await health_server.start()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful stop: health NOT_SERVING, refuse new calls, let in-flight ones finish
+        within `grace` seconds (None: cancel them now), then close the upstream."""
+        if self._server is None or self._stopped:
+            return
+        self._stopped = True
+        logger.info("shutting down", extra={"grace_seconds": grace})
+        # Probes and load balancers see NOT_SERVING before the listeners go away.
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        if self._health_server is not None:
+            # Up until the main server is done, so probes saw NOT_SERVING all along.
+            await self._health_server.stop(None)
+        if self._owns_upstream and self._upstream is not None:
+            await self._upstream.close()
+        if self._unix_socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                await asyncio.to_thread(self._unix_socket.unlink)
+        logger.info("stopped")
+
+    async def stop_now(self) -> None:
+        """Cancel in-flight calls of a stop in progress (a second SIGTERM/SIGINT)."""
+        if self._server is not None:
+            await self._server.stop(None)
+
+    async def wait_for_termination(self) -> None:
+        if self._server is None:
+            raise RuntimeError("server not started")
+        await self._server.wait_for_termination()
+
+    async def __aenter__(self) -> BrokerServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop(self.settings.server.shutdown_grace_seconds)
+
+
+def _tls_mode(tls: ServerTLSMaterial | None) -> str:
+    if tls is None:
+        return "off"
+    if tls.client_ca is None:
+        return "on"
+    return "mutual" if tls.require_client_auth else "optional client certificates"
+
+
+def _bind(server: aio.Server, address: str, creds: Any, key: str) -> int:
+    try:
+        if creds is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, creds)
+    except RuntimeError as exc:
+        raise ConfigError(f"{key}: cannot listen on {address}: {exc}") from None
+    if port == 0 and not address.startswith("unix:"):
+        raise ConfigError(f"{key}: cannot listen on {address} (in use?)")
+    return port
+
+
+async def _remove_stale_socket(path: Path) -> None:
+    """Remove a socket file left by a crashed broker; refuse to touch anything else."""
+    try:
+        mode = (await asyncio.to_thread(os.lstat, path)).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"server.unixSocket: {path} exists and is not a socket")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 2.0)
+    except (OSError, TimeoutError):
+        # Nobody listening: stale.
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+        return
+    writer.close()
+    raise ConfigError(f"server.unixSocket: {path} is in use by a running server")
+
+
+async def run_server(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT, then shut down gracefully; the exit status.
+
+    Raises ConfigError when the server cannot start (bad TLS files, busy port, ...).
+    """
+    server = BrokerServer(settings)
+    await server.start()
+    await serve_until_signal(server)
+    return 0
+
+
+async def serve_until_signal(server: BrokerServer) -> None:
+    """Wait for SIGTERM/SIGINT (or the server ending), then stop with the configured grace.
+
+    A second signal during the grace period cancels the calls still in flight.
+    """
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    background: set[asyncio.Task[None]] = set()
+    signals = (signal.SIGTERM, signal.SIGINT)
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop_requested.is_set():
+            logger.warning("second %s: cancelling in-flight calls", sig.name)
+            task = loop.create_task(server.stop_now())
+            background.add(task)
+            task.add_done_callback(background.discard)
+            return
+        logger.info("received %s", sig.name)
+        stop_requested.set()
+
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal, sig)
+    terminated = asyncio.ensure_future(server.wait_for_termination())
+    requested = asyncio.ensure_future(stop_requested.wait())
+    try:
+        await asyncio.wait({terminated, requested}, return_when=asyncio.FIRST_COMPLETED)
+        await server.stop(server.settings.server.shutdown_grace_seconds)
+    finally:
+        requested.cancel()
+        terminated.cancel()
+        for sig in signals:
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,509 @@
+"""The Kubernetes API client: POST .../serviceaccounts/{name}/token via `kubernetes.aio`.
+
+Retries are ours, not the library's: only retryable failures (connection errors, 429, 5xx),
+with exponential backoff and full jitter, all inside the caller's deadline. Every failure
+becomes a BrokerError; the API server's own message is relayed verbatim.
+
+Secrets: the token (in the response) and the broker's bearer credential (in the client
+configuration) never appear in a log line, an exception message or a repr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import logging
+import os
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import grpc
+from kubernetes.aio import client as kclient
+from kubernetes.aio import config as kconfig
+
+from broker.config import ConfigError, KubernetesSettings, RetrySettings
+from broker.convert import (
+    ConversionError,
+    kubernetes_field_to_proto,
+    to_kubernetes_body,
+    token_request_from_json,
+)
+from broker.errors import ERROR_DOMAIN, KUBERNETES_DOMAIN, BrokerError, FieldViolation
+from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
+from broker.validation import MESSAGE_BUDGET, fit_violations, truncate_utf8
+
+logger = logging.getLogger(__name__)
+
+REASON_UNREACHABLE = "KUBERNETES_UNREACHABLE"
+REASON_TIMEOUT = "UPSTREAM_TIMEOUT"
+REASON_BAD_RESPONSE = "KUBERNETES_INVALID_RESPONSE"
+
+# Do not start (or sleep before) an attempt with less time than this left: it cannot finish.
+MIN_ATTEMPT_SECONDS = 0.05
+# Metadata values are bounded: Status details echo caller input.
+_METADATA_VALUE_LIMIT = 256
+
+# HTTP code -> the StatusReason client-go assumes when a body carries none
+# (apimachinery errors.NewGenericServerResponse).
+_DEFAULT_REASONS = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    406: "NotAcceptable",
+    409: "Conflict",
+    410: "Expired",
+    413: "RequestEntityTooLarge",
+    415: "UnsupportedMediaType",
+    422: "Invalid",
+    429: "TooManyRequests",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+    504: "Timeout",
+}
+
+_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    # The broker's own credentials: not the caller's fault, and not theirs to fix.
+    401: grpc.StatusCode.UNAVAILABLE,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.FAILED_PRECONDITION,
+    429: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+@dataclass(frozen=True, repr=False)
+class UpstreamResult:
+    """The API server's TokenRequest (status filled in) and its warnings."""
+
+    token_request: pb.TokenRequest
+    warnings: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        # Never the token: only what identifies the request.
+        tr = self.token_request
+        return (
+            f"UpstreamResult(namespace={tr.metadata.namespace!r}, name={tr.metadata.name!r}, "
+            f"expiration_seconds={tr.spec.expiration_seconds}, "
+            f"expiration_timestamp={tr.status.expiration_timestamp.ToJsonString()!r}, "
+            f"token=<redacted>, warnings={self.warnings!r})"
+        )
+
+    __str__ = __repr__
+
+
+@dataclass
+class _Failure:
+    """One failed attempt: whether to retry and what to answer if it is the last."""
+
+    error: BrokerError
+    retryable: bool
+    retry_after: float | None = None  # the server's Retry-After, if any
+    detail: str = ""  # for logs only
+    log_fields: dict[str, str] = field(default_factory=dict)
+
+
+class UpstreamClient:
+    """Creates tokens on the Kubernetes API server with the broker's own credentials."""
+
+    def __init__(self, api_client: Any, settings: KubernetesSettings) -> None:
+        self._api_client = api_client
+        self._core = kclient.CoreV1Api(api_client)
+        self._settings = settings
+        self._retry: RetrySettings = settings.retry
+
+    def __repr__(self) -> str:
+        return f"UpstreamClient(host={self._api_client.configuration.host!r})"
+
+    @classmethod
+    async def from_settings(cls, settings: KubernetesSettings) -> UpstreamClient:
+        """In-cluster config or a kubeconfig (+ context); `auto` picks in-cluster in a pod."""
+        cfg = kclient.Configuration()
+        mode = settings.mode
+        if mode == "auto":
+            mode = "inCluster" if os.environ.get("KUBERNETES_SERVICE_HOST") else "kubeconfig"
+        try:
+            if mode == "inCluster":
+                # Synchronous file reads: off the event loop.
+                await asyncio.to_thread(kconfig.load_incluster_config, client_configuration=cfg)
+                _refresh_hook_off_loop(cfg)
+            else:
+                await kconfig.load_kube_config(  # type: ignore[no-untyped-call]
+                    config_file=str(settings.kubeconfig) if settings.kubeconfig else None,
+                    context=settings.context,
+                    client_configuration=cfg,
+                    # The broker never writes the kubeconfig back (read-only root filesystem).
+                    persist_config=False,
+                )
+        except Exception as exc:
+            # ConfigException texts name files and keys, never credentials.
+            source = "in-cluster config" if mode == "inCluster" else "kubeconfig"
+            raise ConfigError(f"cannot load the Kubernetes {source}: {exc}") from None
+        # Our retries only: the library's would ignore the caller's deadline.
+        cfg.retries = None
+        cfg.connection_pool_maxsize = settings.connection_pool_size
+        # ApiClient builds its SSL context (reads the CA file) in the constructor.
+        api_client = await asyncio.to_thread(kclient.ApiClient, cfg)
+        return cls(api_client, settings)
+
+    async def close(self) -> None:
+        await self._api_client.close()
+
+    async def create_token(
+        self,
+        namespace: str,
+        name: str,
+        token_request: pb.TokenRequest,
+        *,
+        dry_run: bool = False,
+        field_manager: str = "",
+        field_validation: str = "",
+        # The caller's remaining deadline, applied below with asyncio.timeout_at.
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> UpstreamResult:
+        """Create a token, retrying retryable failures within `timeout` seconds.
+
+        `timeout` is the caller's remaining gRPC deadline; None means no deadline (the
+        configured request timeout applies). Raises BrokerError on every failure.
+        """
+        budget = self._settings.request_timeout_seconds if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, budget)
+        body = to_kubernetes_body(token_request)
+        kwargs: dict[str, Any] = {}
+        if dry_run:
+            kwargs["dry_run"] = "All"
+        if field_manager:
+            kwargs["field_manager"] = field_manager
+        if field_validation:
+            kwargs["field_validation"] = field_validation
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._attempts(namespace, name, body, kwargs, deadline)
+        except TimeoutError:
+            logger.warning(
+                "upstream deadline exhausted after %.3fs for %s/%s", budget, namespace, name
+            )
+            raise _timeout_error(budget) from None
+
+    async def _attempts(
+        self,
+        namespace: str,
+        name: str,
+        body: Any,
+        kwargs: dict[str, Any],
+        deadline: float,
+    ) -> UpstreamResult:
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            attempt += 1
+            started = loop.time()
+            remaining = deadline - started
+            per_attempt = min(remaining, self._settings.request_timeout_seconds)
+            outcome = await self._attempt(namespace, name, body, kwargs, per_attempt)
+            if isinstance(outcome, UpstreamResult):
+                if attempt > 1:
+                    logger.info(
+                        "upstream succeeded on attempt %d for %s/%s", attempt, namespace, name
+                    )
+                return outcome
+            failure = outcome
+            took = loop.time() - started
+            if not failure.retryable or attempt >= self._retry.max_attempts:
+                self._log_final(failure, attempt, namespace, name)
+                raise self._final_error(failure, attempt)
+            delay = self._delay(attempt, failure)
+            if delay is None:
+                # A Retry-After longer than we wait for: the caller may retry later.
+                self._log_final(failure, attempt, namespace, name)
+                raise self._final_error(failure, attempt)
+            # Never sleep past the deadline, nor start an attempt that cannot finish:
+            # it needs at least about as long as the last one took.
+            left_after_sleep = deadline - loop.time() - delay
+            if left_after_sleep < max(MIN_ATTEMPT_SECONDS, took):
+                logger.warning(
+                    "upstream attempt %d for %s/%s failed (%s); not retrying: waiting %.3fs "
+                    "would leave %.3fs of the deadline, too little for another attempt",
+                    attempt,
+                    namespace,
+                    name,
+                    failure.detail,
+                    delay,
+                    left_after_sleep,
+                )
+                raise self._final_error(failure, attempt)
+            logger.info(
+                "upstream attempt %d for %s/%s failed (%s); retrying in %.3fs",
+                attempt,
+                namespace,
+                name,
+                failure.detail,
+                delay,
+            )
+            await asyncio.sleep(delay)
+
+    def _delay(self, attempt: int, failure: _Failure) -> float | None:
+        """Seconds to wait before the next attempt; None when Retry-After is too long."""
+        if failure.retry_after is not None:
+            if failure.retry_after > self._retry.max_retry_after_seconds:
+                return None
+            return failure.retry_after
+        # Exponential backoff with full jitter.
+        return random.uniform(0.0, self._backoff_ceiling(attempt))  # noqa: S311 - jitter, not cryptography
+
+    def _final_error(self, failure: _Failure, attempt: int) -> BrokerError:
+        """The error to answer; a retryable one always says when to retry (RetryInfo)."""
+        error = failure.error
+        retryable = failure.retryable and error.code == grpc.StatusCode.UNAVAILABLE
+        if retryable and error.retry_after is None:
+            error.retry_after = failure.retry_after or self._backoff_ceiling(attempt)
+        return error
+
+    def _backoff_ceiling(self, attempt: int) -> float:
+        return min(
+            self._retry.max_backoff_seconds,
+            self._retry.initial_backoff_seconds * 2.0 ** (attempt - 1),
+        )
+
+    def _log_final(self, failure: _Failure, attempt: int, namespace: str, name: str) -> None:
+        level = logging.WARNING if failure.retryable else logging.INFO
+        logger.log(
+            level,
+            "upstream call for %s/%s failed after %d attempt(s): %s",
+            namespace,
+            name,
+            attempt,
+            failure.detail,
+        )
+
+    async def _attempt(
+        self,
+        namespace: str,
+        name: str,
+        body: Any,
+        kwargs: dict[str, Any],
+        attempt_timeout: float,
+    ) -> UpstreamResult | _Failure:
+        try:
+            # _without_preload_content: the raw aiohttp response. `_with_http_info` would
+            # fold the headers into a dict (losing all but one Warning header) and build a
+            # model holding the token.
+            response = (
+                await self._core.create_namespaced_service_account_token_without_preload_content(
+                    name,
+                    namespace,
+                    body,
+                    _request_timeout=float(max(attempt_timeout, 0.001)),
+                    **kwargs,
+                )
+            )
+            try:
+                raw = await response.read()
+                status = int(response.status)
+                headers = response.headers
+            finally:
+                response.release()
+        except TimeoutError as exc:
+            # aiohttp's per-attempt timeout (the overall deadline surfaces as a cancellation
+            # and is turned into DEADLINE_EXCEEDED by create_token). Retryable if time is left.
+            return _Failure(
+                error=_timeout_error(attempt_timeout),
+                retryable=True,
+                detail=f"{type(exc).__name__} after {attempt_timeout:.3f}s",
+            )
+        except aiohttp.ClientSSLError as exc:
+            # A TLS/CA problem is configuration, not a transient failure.
+            return _transport_failure(exc, retryable=False)
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
+            return _transport_failure(exc, retryable=True)
+        return _outcome(status, headers, raw)
+
+
+def _timeout_error(seconds: float) -> BrokerError:
+    return BrokerError(
+        code=grpc.StatusCode.DEADLINE_EXCEEDED,
+        message="the deadline expired before the Kubernetes API server answered",
+        reason=REASON_TIMEOUT,
+        metadata={"timeoutSeconds": f"{seconds:.3f}"},
+    )
+
+
+def _refresh_hook_off_loop(cfg: Any) -> None:
+    """The in-cluster loader re-reads the token file every minute: do that in a thread."""
+    hook = cfg.refresh_api_key_hook
+    if hook is None:
+        return
+
+    async def refresh(c: Any) -> None:
+        await asyncio.to_thread(hook, c)
+
+    cfg.refresh_api_key_hook = refresh
+
+
+def _transport_failure(exc: BaseException, *, retryable: bool) -> _Failure:
+    # The cause is logged, not sent: it names the API server's internal address.
+    return _Failure(
+        error=BrokerError(
+            code=grpc.StatusCode.UNAVAILABLE,
+            message="the Kubernetes API server is unreachable",
+            reason=REASON_UNREACHABLE,
+            domain=ERROR_DOMAIN,
+        ),
+        retryable=retryable,
+        detail=f"{type(exc).__name__}: {_safe_text(str(exc))}",
+    )
+
+
+def _safe_text(text: str) -> str:
+    # Transport errors carry no credentials, but bound them anyway.
+    return truncate_utf8(text, 300)
+
+
+def _outcome(status: int, headers: Mapping[str, str], raw: bytes) -> UpstreamResult | _Failure:
+    if 200 <= status <= 299:
+        try:
+            token_request = token_request_from_json(raw)
+        except ConversionError as exc:
+            return _Failure(
+                error=BrokerError(
+                    code=grpc.StatusCode.UNAVAILABLE,
+                    message=f"the Kubernetes API server's answer could not be read: {exc}",
+                    reason=REASON_BAD_RESPONSE,
+                    domain=ERROR_DOMAIN,
+                    metadata={"kubernetesCode": str(status)},
+                ),
+                retryable=False,
+                detail=f"HTTP {status}: {exc}",
+            )
+        return UpstreamResult(token_request=token_request, warnings=parse_warnings(headers))
+    return _status_failure(status, headers, raw)
+
+
+def _status_failure(status: int, headers: Mapping[str, str], raw: bytes) -> _Failure:
+    parsed = _parse_status(raw)
+    reason = str(parsed.get("reason") or "") or _DEFAULT_REASONS.get(status, "")
+    message = str(parsed.get("message") or "")
+    if not message:
+        # e.g. API Priority and Fairness' plain-text 429 body.
+        text = raw.decode("utf-8", errors="replace").strip()
+        message = text or f"the Kubernetes API server answered HTTP {status}"
+    raw_details = parsed.get("details")
+    details: dict[str, Any] = raw_details if isinstance(raw_details, dict) else {}
+    metadata = {"kubernetesReason": reason or "Unknown", "kubernetesCode": str(status)}
+    for key, meta_key in (("kind", "kubernetesKind"), ("name", "kubernetesName")):
+        value = details.get(key)
+        if isinstance(value, str) and value:
+            metadata[meta_key] = truncate_utf8(value, _METADATA_VALUE_LIMIT)
+    if isinstance(details.get("group"), str) and details["group"]:
+        metadata["kubernetesGroup"] = truncate_utf8(details["group"], _METADATA_VALUE_LIMIT)
+
+    retry_after = parse_retry_after(headers.get("Retry-After"))
+    retryable = status == 429 or 500 <= status <= 599
+    code = _CODES.get(status)
+    if code is None:
+        code = grpc.StatusCode.UNAVAILABLE if retryable else grpc.StatusCode.FAILED_PRECONDITION
+    if status == 401:
+        message = (
+            "the Kubernetes API server rejected the broker's own credentials "
+            f"(HTTP 401: {message}); the caller's request was not the problem — the broker's "
+            "Kubernetes credentials need fixing"
+        )
+    violations: list[FieldViolation] = []
+    if status == 422:
+        options = details.get("kind") == "CreateOptions"
+        causes = details.get("causes")
+        for cause in causes if isinstance(causes, list) else []:
+            if not isinstance(cause, dict):
+                continue
+            violations.append(
+                FieldViolation(
+                    field=kubernetes_field_to_proto(str(cause.get("field") or ""), options=options),
+                    description=str(cause.get("message") or ""),
+                    reason=str(cause.get("reason") or ""),
+                )
+            )
+    kept, _ = fit_violations(violations)
+    error = BrokerError(
+        code=code,
+        message=truncate_utf8(message, MESSAGE_BUDGET),
+        reason=kubernetes_reason(reason or "Unknown"),
+        domain=KUBERNETES_DOMAIN,
+        metadata=metadata,
+        field_violations=kept,
+        retry_after=retry_after if retryable else None,
+    )
+    return _Failure(
+        error=error,
+        retryable=retryable,
+        retry_after=retry_after,
+        detail=f"HTTP {status} {reason or 'Unknown'}",
+    )
+
+
+def _parse_status(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    if isinstance(data, dict) and data.get("kind") == "Status":
+        return data
+    return {}
+
+
+def kubernetes_reason(status_reason: str) -> str:
+    """ErrorInfo.reason of a relayed Status: KUBERNETES_ + UPPER_SNAKE of its reason."""
+    snake = re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", status_reason)
+    snake = re.sub(r"[^A-Za-z0-9]+", "_", snake).strip("_").upper() or "UNKNOWN"
+    return ("KUBERNETES_" + snake)[:63]
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds: delta-seconds or an HTTP-date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+# warn-code SP warn-agent SP warn-text [SP warn-date], comma-separated (RFC 7234 5.5).
+_WARNING_RE = re.compile(
+    r'\s*(\d{3})\s+(\S+)\s+"((?:[^"\\]|\\.)*)"(?:\s+"[^"]*")?\s*(?:,|$)', re.DOTALL
+)
+
+
+def parse_warnings(headers: Mapping[str, str]) -> tuple[str, ...]:
+    """The texts of the `299` Warning headers, as client-go keeps them."""
+    getall = getattr(headers, "getall", None)
+    values: Sequence[str] = (
+        getall("Warning", []) if getall else ([headers["Warning"]] if "Warning" in headers else [])
+    )
+    out: list[str] = []
+    for value in values:
+        pos = 0
+        while pos < len(value):
+            match = _WARNING_RE.match(value, pos)
+            if match is None or match.end() == pos:
+                break
+            pos = match.end()
+            if match.group(1) == "299":
+                out.append(re.sub(r"\\(.)", r"\1", match.group(3)))
+    return tuple(out)

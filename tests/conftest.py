@@ -1,0 +1,189 @@
+"""Shared fixtures: the real path, end to end.
+
+grpc.aio client stub -> grpc.aio server with the servicer -> kubernetes.aio -> the API-server
+emulator over HTTPS. Nothing on the path is stubbed; failures are injected with the
+emulator's own fault knobs.
+
+Per-test knobs:
+- `@pytest.mark.emulator_config(max_expiration_seconds=3600, node_binding=True, ...)`
+- `@pytest.mark.retry(max_attempts=2, max_retry_after_seconds=0.5, ...)`
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc import aio
+
+from broker.config import KubernetesSettings, RetrySettings
+from broker.emulator import Emulator, EmulatorConfig
+from broker.errors import RichStatus, rich_status_from_call
+from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
+from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
+from broker.service import TokenBrokerServicer
+from broker.upstream import UpstreamClient
+
+NAMESPACE = "demo"
+OTHER_NAMESPACE = "other"  # exists, but the broker's user has no RBAC grant there
+SERVICE_ACCOUNT = "build-robot"
+OTHER_SERVICE_ACCOUNT = "db-robot"
+POD = "web-0"
+OTHER_POD = "db-0"  # runs as OTHER_SERVICE_ACCOUNT
+SECRET = "s1"
+NODE = "node-1"
+BROKER_USER = "system:serviceaccount:token-broker:token-broker"
+BROKER_TOKEN = "broker-test-credential-5f2c9a"  # the broker's own bearer credential
+
+SEED: dict[str, Any] = {
+    "namespaces": [
+        {
+            "name": NAMESPACE,
+            "serviceAccounts": [{"name": SERVICE_ACCOUNT}, {"name": OTHER_SERVICE_ACCOUNT}],
+            "pods": [
+                {"name": POD, "serviceAccountName": SERVICE_ACCOUNT, "nodeName": NODE},
+                {"name": OTHER_POD, "serviceAccountName": OTHER_SERVICE_ACCOUNT},
+            ],
+            "secrets": [{"name": SECRET}],
+        },
+        {"name": OTHER_NAMESPACE, "serviceAccounts": [{"name": SERVICE_ACCOUNT}]},
+    ],
+    "nodes": [{"name": NODE}],
+    "users": [{"token": BROKER_TOKEN, "name": BROKER_USER}],
+    "rbac": [{"user": BROKER_USER, "namespaces": [NAMESPACE]}],
+}
+
+# Fast retries for the suite; the deadline logic does not depend on the values.
+TEST_RETRY = {
+    "max_attempts": 4,
+    "initial_backoff_seconds": 0.01,
+    "max_backoff_seconds": 0.05,
+    "max_retry_after_seconds": 5.0,
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "emulator_config(**fields): EmulatorConfig overrides")
+    config.addinivalue_line("markers", "retry(**fields): RetrySettings overrides")
+
+
+def _marker_kwargs(request: pytest.FixtureRequest, name: str) -> dict[str, Any]:
+    marker = request.node.get_closest_marker(name)
+    return dict(marker.kwargs) if marker else {}
+
+
+@pytest.fixture
+async def emulator(request: pytest.FixtureRequest) -> AsyncIterator[Emulator]:
+    config = EmulatorConfig(host="127.0.0.1", port=0, **_marker_kwargs(request, "emulator_config"))
+    emu = Emulator(config, seed=SEED)
+    await emu.start()
+    try:
+        yield emu
+    finally:
+        await emu.stop()
+
+
+@pytest.fixture
+def kubeconfig(emulator: Emulator, tmp_path: Path) -> Path:
+    path = tmp_path / "kubeconfig"
+    emulator.write_kubeconfig(path, user_token=BROKER_TOKEN)
+    return path
+
+
+@pytest.fixture
+def kubernetes_settings(request: pytest.FixtureRequest, kubeconfig: Path) -> KubernetesSettings:
+    retry = RetrySettings(**{**TEST_RETRY, **_marker_kwargs(request, "retry")})
+    return KubernetesSettings(
+        mode="kubeconfig", kubeconfig=kubeconfig, request_timeout_seconds=10.0, retry=retry
+    )
+
+
+@pytest.fixture
+async def upstream(kubernetes_settings: KubernetesSettings) -> AsyncIterator[UpstreamClient]:
+    client = await UpstreamClient.from_settings(kubernetes_settings)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@dataclass(frozen=True)
+class RunningBroker:
+    address: str
+    upstream: UpstreamClient
+
+
+def _broker_server_available() -> bool:
+    return importlib.util.find_spec("broker.server") is not None
+
+
+@pytest.fixture
+async def broker(upstream: UpstreamClient) -> AsyncIterator[RunningBroker]:
+    """The broker's gRPC server on 127.0.0.1:<free port>, plaintext, with the servicer."""
+    server = aio.server()
+    pb_grpc.add_TokenBrokerServiceServicer_to_server(TokenBrokerServicer(upstream), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield RunningBroker(address=f"127.0.0.1:{port}", upstream=upstream)
+    finally:
+        await server.stop(None)
+
+
+@pytest.fixture
+async def channel(broker: RunningBroker) -> AsyncIterator[aio.Channel]:
+    async with aio.insecure_channel(broker.address) as ch:
+        yield ch
+
+
+@pytest.fixture
+def stub(channel: aio.Channel) -> pb_grpc.TokenBrokerServiceStub:
+    return pb_grpc.TokenBrokerServiceStub(channel)
+
+
+# --- helpers used across test modules ------------------------------------------------------
+
+
+def create_request(
+    namespace: str = NAMESPACE,
+    service_account: str = SERVICE_ACCOUNT,
+    *,
+    audiences: list[str] | None = None,
+    expiration_seconds: int | None = None,
+    bound: pb.BoundObjectReference | None = None,
+    metadata_name: str = "",
+    dry_run: list[str] | None = None,
+    field_manager: str = "",
+    field_validation: str = "",
+) -> pb.CreateTokenRequest:
+    spec = pb.TokenRequestSpec(audiences=audiences or [])
+    if expiration_seconds is not None:
+        spec.expiration_seconds = expiration_seconds
+    if bound is not None:
+        spec.bound_object_ref.CopyFrom(bound)
+    return pb.CreateTokenRequest(
+        namespace=namespace,
+        service_account=service_account,
+        token_request=pb.TokenRequest(metadata=pb.ObjectMeta(name=metadata_name), spec=spec),
+        dry_run=dry_run or [],
+        field_manager=field_manager,
+        field_validation=field_validation,
+    )
+
+
+async def call_error(
+    stub: pb_grpc.TokenBrokerServiceStub, request: pb.CreateTokenRequest, timeout: float = 10.0
+) -> RichStatus:
+    """Call CreateToken expecting a failure; the decoded rich status."""
+    try:
+        await stub.CreateToken(request, timeout=timeout)
+    except aio.AioRpcError as err:
+        status = rich_status_from_call(err)
+        assert status.code not in (grpc.StatusCode.UNKNOWN,), status
+        return status
+    raise AssertionError("CreateToken succeeded; expected an error")

@@ -1,0 +1,426 @@
+"""The token-broker command: `token` against a running broker, `serve` as a real process.
+
+The CLI runs as a subprocess (`python -m broker`), so the broker and the emulator in this
+test's event loop keep serving while it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import jwt
+import pytest
+import yaml
+from conftest import NAMESPACE, POD, SERVICE_ACCOUNT, RunningBroker
+from test_server import broker_settings, issue
+
+from broker.cli import build_parser, main, parse_go_duration, serve_overrides
+from broker.config import KubernetesSettings, load_settings
+from broker.emulator import Emulator
+from broker.server import BrokerServer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_BROKER_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "broker",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=cli_env(),
+        cwd=REPO,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def claims(token: str) -> dict[str, object]:
+    return dict(jwt.decode(token, options={"verify_signature": False}))
+
+
+# --- token ------------------------------------------------------------------------------------
+
+
+async def test_token_prints_just_the_token(broker: RunningBroker) -> None:
+    rc, out, err = await run_cli(
+        "token", SERVICE_ACCOUNT, "-n", NAMESPACE, "--server", broker.address, "--plaintext"
+    )
+    assert rc == 0, err
+    assert out.count(".") == 2
+    assert "\n" not in out  # like kubectl: no newline when stdout is not a terminal
+    assert claims(out)["sub"] == f"system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNT}"
+
+
+async def test_token_json_is_a_kubernetes_token_request(broker: RunningBroker) -> None:
+    rc, out, err = await run_cli(
+        "token",
+        SERVICE_ACCOUNT,
+        "--namespace",
+        NAMESPACE,
+        "--audience",
+        "https://a.example",
+        "--audience",
+        "https://b.example",
+        "--duration",
+        "1h30m",
+        "--bound-object-kind",
+        "Pod",
+        "--bound-object-name",
+        POD,
+        "-o",
+        "json",
+        "--server",
+        broker.address,
+        "--plaintext",
+    )
+    assert rc == 0, err
+    obj = json.loads(out)
+    assert list(obj) == ["kind", "apiVersion", "metadata", "spec", "status"]
+    assert obj["kind"] == "TokenRequest"
+    assert obj["apiVersion"] == "authentication.k8s.io/v1"
+    assert obj["metadata"]["name"] == SERVICE_ACCOUNT
+    assert obj["metadata"]["namespace"] == NAMESPACE
+    spec = obj["spec"]
+    assert spec["audiences"] == ["https://a.example", "https://b.example"]
+    assert spec["expirationSeconds"] == 5400  # a number, as Kubernetes writes it
+    assert spec["boundObjectRef"]["kind"] == "Pod"
+    assert spec["boundObjectRef"]["apiVersion"] == "v1"
+    assert spec["boundObjectRef"]["name"] == POD
+    token = obj["status"]["token"]
+    assert claims(token)["aud"] == ["https://a.example", "https://b.example"]
+    assert obj["status"]["expirationTimestamp"].endswith("Z")
+
+
+async def test_token_yaml_matches_the_json_shape(broker: RunningBroker) -> None:
+    rc, out, err = await run_cli(
+        "token", SERVICE_ACCOUNT, "-n", NAMESPACE, "-o", "yaml", "--server", broker.address,
+        "--plaintext",
+    )  # fmt: skip
+    assert rc == 0, err
+    obj = yaml.safe_load(out)
+    assert obj["kind"] == "TokenRequest"
+    assert obj["apiVersion"] == "authentication.k8s.io/v1"
+    assert obj["metadata"]["name"] == SERVICE_ACCOUNT
+    assert obj["status"]["token"].count(".") == 2
+
+
+@pytest.mark.emulator_config(max_expiration_seconds=3600)
+async def test_token_warnings_go_to_stderr(broker: RunningBroker) -> None:
+    rc, out, err = await run_cli(
+        "token", SERVICE_ACCOUNT, "-n", NAMESPACE, "--duration", "2h",
+        "--server", broker.address, "--plaintext",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert out.count(".") == 2
+    assert "Warning: requested expiration of 7200 seconds shortened to 3600 seconds" in err
+
+
+async def test_token_error_prints_code_message_and_reason(broker: RunningBroker) -> None:
+    rc, out, err = await run_cli(
+        "token", "no-such-account", "-n", NAMESPACE, "--server", broker.address, "--plaintext"
+    )
+    assert rc == 1
+    assert out == ""
+    assert "NOT_FOUND" in err
+    assert "no-such-account" in err
+    # The ErrorInfo reason (UPPER_SNAKE_CASE) and domain, then its metadata.
+    assert re.search(r"^  reason: [A-Z][A-Z0-9_]+ \(domain [a-z0-9.]+\)$", err, re.MULTILINE), err
+
+
+async def test_token_error_lists_field_violations(broker: RunningBroker) -> None:
+    rc, _, err = await run_cli(
+        "token", SERVICE_ACCOUNT, "-n", NAMESPACE, "--duration", "1m",
+        "--server", broker.address, "--plaintext",
+    )  # fmt: skip
+    assert rc == 1
+    assert "INVALID_ARGUMENT" in err
+    assert "field token_request.spec.expiration_seconds:" in err
+
+
+async def test_token_dry_run(broker: RunningBroker, emulator: Emulator) -> None:
+    rc, out, err = await run_cli(
+        "token", SERVICE_ACCOUNT, "-n", NAMESPACE, "--dry-run", "-o", "json",
+        "--server", broker.address, "--plaintext",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert json.loads(out)["kind"] == "TokenRequest"
+    assert emulator.token_requests[-1].query.get("dryRun") == "All"
+
+
+async def test_token_unreachable_server(tmp_path: Path) -> None:
+    rc, _, err = await run_cli(
+        "token", SERVICE_ACCOUNT, "-n", NAMESPACE, "--server", f"unix:{tmp_path}/none.sock",
+        "--timeout", "5s",
+    )  # fmt: skip
+    assert rc == 1
+    assert "UNAVAILABLE" in err
+
+
+async def test_token_over_mutual_tls_and_a_unix_socket(
+    kubernetes_settings: KubernetesSettings, tmp_path: Path
+) -> None:
+    server_pki = issue(tmp_path, "server", "broker.internal")
+    client_pki = issue(tmp_path, "client", "client.example")
+    tls = {
+        "cert_file": server_pki.cert,
+        "key_file": server_pki.key,
+        "client_ca_file": client_pki.ca_file,
+    }
+    with tempfile.TemporaryDirectory(prefix="tb-") as directory:
+        sock = Path(directory) / "b.sock"
+        settings = broker_settings(kubernetes_settings, tls=tls, unix_socket=sock)
+        async with BrokerServer(settings) as server:
+            # The certificate names broker.internal, not 127.0.0.1: --server-name checks it.
+            common = ("token", SERVICE_ACCOUNT, "-n", NAMESPACE, "--server", server.address)
+            trust = ("--cacert", str(server_pki.ca_file), "--server-name", "broker.internal")
+            client = ("--cert", str(client_pki.cert), "--key", str(client_pki.key))
+            rc, out, err = await run_cli(*common, *trust, *client)
+            assert rc == 0, err
+            assert out.count(".") == 2
+            # Without a client certificate the handshake fails.
+            rc, _, err = await run_cli(*common, *trust, "--timeout", "5s")
+            assert rc == 1
+            assert "UNAVAILABLE" in err
+            # The unix socket is plaintext: file permissions decide who connects.
+            rc, out, err = await run_cli(
+                "token", SERVICE_ACCOUNT, "-n", NAMESPACE, "--server", f"unix:{sock}"
+            )
+            assert rc == 0, err
+            assert out.count(".") == 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--duration=-1h"], "--duration must be greater than or equal to 0"),
+        (["--duration", "90500ms"], "--duration cannot be expressed in units less than seconds"),
+        (["--audience", ""], "--audience must not be an empty string"),
+        (["--bound-object-name", "x"], "--bound-object-name can only be set if"),
+        (["--bound-object-uid", "u"], "--bound-object-uid can only be set if"),
+        (["--bound-object-kind", "Job", "--bound-object-name", "x"], "supported --bound"),
+        (["--bound-object-kind", "Pod"], "--bound-object-name is required"),
+        (["--cert", "/c"], "--cert and --key must be given together"),
+    ],
+)
+def test_token_flag_validation_like_kubectl(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["token", "sa", "-n", "demo", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_token_requires_a_namespace(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["token", "sa"])
+    assert info.value.code == 2
+    assert "--namespace" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("10m", 600), ("1h", 3600), ("1h30m", 5400), ("3600s", 3600), ("0", 0), ("1.5h", 5400)],
+)
+def test_go_durations(text: str, seconds: int) -> None:
+    assert parse_go_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "10", "1d", "h", "1h 2m", "--1s"])
+def test_bad_go_durations(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid duration"):
+        parse_go_duration(text)
+
+
+# --- serve --------------------------------------------------------------------------------------
+
+
+def test_serve_flags_override_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "server:\n  listen: 127.0.0.1:7001\n  shutdownGraceSeconds: 3\n"
+        "kubernetes:\n  context: from-file\nlog:\n  level: warning\n"
+    )
+    args = build_parser().parse_args(
+        ["serve", "--config", str(config), "--listen", "127.0.0.1:7002", "--kubeconfig", "/k"]
+    )
+    settings = load_settings(args.config, serve_overrides(args))
+    assert settings.server.listen == "127.0.0.1:7002"
+    assert settings.server.shutdown_grace_seconds == 3
+    assert settings.kubernetes.kubeconfig == Path("/k")
+    assert settings.kubernetes.mode == "kubeconfig"
+    assert settings.kubernetes.context == "from-file"
+    assert settings.log.level == "warning"
+
+
+def test_serve_bad_config_exits_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("server:\n  listen: 127.0.0.1:7001\n  shutdownGraceSecs: 3\n")
+    assert main(["serve", "--config", str(config)]) == 2
+    assert "server.shutdownGraceSecs" in capsys.readouterr().err
+
+
+async def test_serve_process_bad_config_exits_non_zero(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("log:\n  levle: debug\n")
+    rc, _, err = await run_cli("serve", "--config", str(config))
+    assert rc == 2
+    assert "log.levle" in err
+    assert "Traceback" not in err
+
+
+async def test_serve_process_refuses_plaintext_on_all_interfaces(kubeconfig: Path) -> None:
+    rc, _, err = await run_cli("serve", "--listen", "0.0.0.0:0", "--kubeconfig", str(kubeconfig))
+    assert rc == 2
+    assert "plaintext" in err
+    assert "Traceback" not in err
+
+
+class Process:
+    """A `python -m broker` child with its stdout and stderr read line by line."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        assert proc.stdout is not None and proc.stderr is not None
+        self._readers = [
+            asyncio.ensure_future(self._pump(proc.stdout, self.stdout)),
+            asyncio.ensure_future(self._pump(proc.stderr, self.stderr)),
+        ]
+        self._new_line = asyncio.Event()
+
+    async def _pump(self, stream: asyncio.StreamReader, lines: list[str]) -> None:
+        async for raw in stream:
+            lines.append(raw.decode())
+            self._new_line.set()
+
+    async def wait_for(self, predicate: str, *, stream: str = "stdout") -> int:
+        """Index of the first line containing `predicate` (safety timeout: 60 s)."""
+        lines = self.stdout if stream == "stdout" else self.stderr
+
+        async def scan() -> int:
+            while True:
+                for i, line in enumerate(lines):
+                    if predicate in line:
+                        return i
+                assert self.proc.returncode is None, "".join(self.stderr)
+                self._new_line.clear()
+                await self._new_line.wait()
+
+        return await asyncio.wait_for(scan(), 60)
+
+    async def terminate(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        rc = await asyncio.wait_for(self.proc.wait(), 60)
+        await asyncio.gather(*self._readers)
+        return rc
+
+
+Spawn = Callable[..., Awaitable[Process]]
+
+
+@pytest.fixture
+async def spawn() -> AsyncIterator[Spawn]:
+    started: list[Process] = []
+
+    async def start(*args: str) -> Process:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "broker", *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=cli_env(), cwd=REPO,
+        )  # fmt: skip
+        started.append(Process(proc))
+        return started[-1]
+
+    yield start
+    for process in started:
+        if process.proc.returncode is None:
+            process.proc.kill()
+            await process.proc.wait()
+
+
+async def test_serve_process_serves_then_exits_cleanly_on_sigterm(
+    spawn: Spawn, kubeconfig: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"listen": "127.0.0.1:0", "allowPlaintext": True},
+                "kubernetes": {"mode": "kubeconfig", "kubeconfig": str(kubeconfig)},
+                "log": {"format": "json", "level": "debug"},
+            }
+        )
+    )
+    process: Process = await spawn("serve", "--config", str(config))
+    index = await process.wait_for("token broker serving", stream="stderr")
+    ready = json.loads(process.stderr[index])
+    assert ready["level"] == "info"
+    rc, out, err = await run_cli(
+        "token", SERVICE_ACCOUNT, "-n", NAMESPACE, "--server", ready["listen"], "--plaintext"
+    )
+    assert rc == 0, err
+    assert await process.terminate() == 0
+    logs = [json.loads(line) for line in process.stderr]
+    messages = [entry["message"] for entry in logs]
+    assert "received SIGTERM" in messages
+    assert "stopped" in messages
+    # Tokens never reach the log, even at debug level.
+    assert out not in "".join(process.stderr)
+    assert "eyJ" not in "".join(process.stderr)
+
+
+async def test_serve_process_second_sigterm_cancels_in_flight_calls(
+    spawn: Spawn, emulator: Emulator, kubeconfig: Path, tmp_path: Path
+) -> None:
+    emulator.faults.latency = 600.0  # the call stays in flight until cancelled
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                # Far longer than the test's safety timeouts: only the second signal ends it.
+                "server": {
+                    "listen": "127.0.0.1:0",
+                    "allowPlaintext": True,
+                    "shutdownGraceSeconds": 3600,
+                },
+                "kubernetes": {"mode": "kubeconfig", "kubeconfig": str(kubeconfig)},
+            }
+        )
+    )
+    process = await spawn("serve", "--config", str(config))
+    ready = json.loads(process.stderr[await process.wait_for("serving", stream="stderr")])
+    call = asyncio.ensure_future(
+        run_cli("token", SERVICE_ACCOUNT, "-n", NAMESPACE, "--server", ready["listen"],
+                "--plaintext", "--timeout", "0")
+    )  # fmt: skip
+    while emulator.in_flight == 0:
+        assert not call.done(), call.result()
+        await asyncio.sleep(0.01)
+    process.proc.send_signal(signal.SIGTERM)
+    await process.wait_for("received SIGTERM", stream="stderr")
+    assert await process.terminate() == 0  # the second SIGTERM
+    rc, _, err = await call
+    assert rc == 1
+    assert "UNAVAILABLE" in err or "CANCELLED" in err
+    assert any("cancelling in-flight calls" in line for line in process.stderr)

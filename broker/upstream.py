@@ -20,6 +20,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -138,6 +139,7 @@ class UpstreamClient:
                 await asyncio.to_thread(kconfig.load_incluster_config, client_configuration=cfg)
                 _refresh_hook_off_loop(cfg)
             else:
+                await asyncio.to_thread(_check_kubeconfig_exists, settings.kubeconfig)
                 await kconfig.load_kube_config(  # type: ignore[no-untyped-call]
                     config_file=str(settings.kubeconfig) if settings.kubeconfig else None,
                     context=settings.context,
@@ -145,6 +147,8 @@ class UpstreamClient:
                     # The broker never writes the kubeconfig back (read-only root filesystem).
                     persist_config=False,
                 )
+        except ConfigError:
+            raise
         except Exception as exc:
             # ConfigException texts name files and keys, never credentials.
             source = "in-cluster config" if mode == "inCluster" else "kubeconfig"
@@ -507,3 +511,17 @@ def parse_warnings(headers: Mapping[str, str]) -> tuple[str, ...]:
             if match.group(1) == "299":
                 out.append(re.sub(r"\\(.)", r"\1", match.group(3)))
     return tuple(out)
+
+
+def _check_kubeconfig_exists(path: Path | None) -> None:
+    # Without this, a missing file surfaces as the library's "Expected key current-context".
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"kubernetes.kubeconfig: no such file: {path}")
+        return
+    candidates = os.environ.get("KUBECONFIG", str(Path.home() / ".kube" / "config"))
+    if not any(Path(p).expanduser().is_file() for p in candidates.split(os.pathsep) if p):
+        raise ConfigError(
+            "no kubeconfig found (set kubernetes.kubeconfig or KUBECONFIG, "
+            "or run in a pod for the in-cluster config)"
+        )

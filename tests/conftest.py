@@ -1,6 +1,6 @@
 """Shared fixtures: the real path, end to end.
 
-grpc.aio client stub -> grpc.aio server with the servicer -> kubernetes.aio -> the API-server
+grpc.aio client stub -> the broker's BrokerServer -> kubernetes.aio -> the API-server
 emulator over HTTPS. Nothing on the path is stubbed; failures are injected with the
 emulator's own fault knobs.
 
@@ -11,7 +11,6 @@ Per-test knobs:
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,12 @@ import grpc
 import pytest
 from grpc import aio
 
-from broker.config import KubernetesSettings, RetrySettings
+from broker.config import KubernetesSettings, RetrySettings, Settings, load_settings
 from broker.emulator import Emulator, EmulatorConfig
 from broker.errors import RichStatus, rich_status_from_call
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
-from broker.service import TokenBrokerServicer
+from broker.server import BrokerServer
 from broker.upstream import UpstreamClient
 
 NAMESPACE = "demo"
@@ -118,19 +117,23 @@ class RunningBroker:
     upstream: UpstreamClient
 
 
-def _broker_server_available() -> bool:
-    return importlib.util.find_spec("broker.server") is not None
+def broker_settings(kube: KubernetesSettings, **server: Any) -> Settings:
+    """Settings for a broker on 127.0.0.1:<free port>, plaintext unless TLS is given."""
+    server.setdefault("listen", "127.0.0.1:0")
+    if server["listen"] is not None and "tls" not in server:
+        server.setdefault("allow_plaintext", True)
+    return load_settings(None, {"server": server, "kubernetes": kube})
 
 
 @pytest.fixture
-async def broker(upstream: UpstreamClient) -> AsyncIterator[RunningBroker]:
-    """The broker's gRPC server on 127.0.0.1:<free port>, plaintext, with the servicer."""
-    server = aio.server()
-    pb_grpc.add_TokenBrokerServiceServicer_to_server(TokenBrokerServicer(upstream), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+async def broker(
+    kubernetes_settings: KubernetesSettings, upstream: UpstreamClient
+) -> AsyncIterator[RunningBroker]:
+    """The broker's own gRPC server (BrokerServer) on loopback, plaintext."""
+    server = BrokerServer(broker_settings(kubernetes_settings), upstream=upstream)
     await server.start()
     try:
-        yield RunningBroker(address=f"127.0.0.1:{port}", upstream=upstream)
+        yield RunningBroker(address=server.address, upstream=upstream)
     finally:
         await server.stop(None)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import jwt
 import pytest
 import yaml
-from conftest import NAMESPACE, POD, SERVICE_ACCOUNT, RunningBroker
-from test_server import broker_settings, issue
+from conftest import NAMESPACE, POD, SERVICE_ACCOUNT, RunningBroker, broker_settings
+from test_server import issue
 
 from broker.cli import build_parser, main, parse_go_duration, serve_overrides
 from broker.config import KubernetesSettings, load_settings

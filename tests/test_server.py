@@ -15,29 +15,21 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 import trustme
-from conftest import NAMESPACE, SERVICE_ACCOUNT, create_request
+from conftest import NAMESPACE, SERVICE_ACCOUNT, broker_settings, create_request
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from broker.config import ConfigError, KubernetesSettings, Settings, load_settings
+from broker.config import ConfigError, KubernetesSettings
 from broker.emulator import Emulator
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 from broker.server import SERVICE_NAME, BrokerServer
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def broker_settings(kube: KubernetesSettings, **server: Any) -> Settings:
-    server.setdefault("listen", "127.0.0.1:0")
-    if server["listen"] is not None and "tls" not in server:
-        server.setdefault("allow_plaintext", True)
-    return load_settings(None, {"server": server, "kubernetes": kube})
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from conftest import (
     create_request,
 )
 
-from broker.config import KubernetesSettings
+from broker.config import ConfigError, KubernetesSettings
 from broker.emulator import Emulator
 from broker.errors import ERROR_DOMAIN, KUBERNETES_DOMAIN, BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
@@ -294,3 +294,15 @@ def test_kubernetes_reason_names() -> None:
 def test_parse_warnings_single_header_with_two_values() -> None:
     headers = {"Warning": '299 - "a, b", 299 - "c \\"q\\"", 199 - "misc"'}
     assert parse_warnings(headers) == ("a, b", 'c "q"')
+
+
+async def test_missing_kubeconfig_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "nope" / "kubeconfig"
+    with pytest.raises(ConfigError, match=r"kubernetes\.kubeconfig: no such file: .*nope"):
+        await UpstreamClient.from_settings(
+            KubernetesSettings(mode="kubeconfig", kubeconfig=missing)
+        )
+    # Nothing configured and no default file either.
+    monkeypatch.setenv("KUBECONFIG", str(missing))
+    with pytest.raises(ConfigError, match="no kubeconfig found"):
+        await UpstreamClient.from_settings(KubernetesSettings(mode="kubeconfig"))

@@ -322,12 +322,18 @@ async def test_refused_before_upstream(
 async def test_huge_request_through_broker(
     stub: pb_grpc.TokenBrokerServiceStub, emulator: Emulator
 ) -> None:
+    # Under the server's 1 MiB message limit: refused by validation, with bounded details.
     req = create_request(
-        namespace="N" * 500_000, service_account="S" * 500_000, audiences=["y" * 50_000] * 40
+        namespace="N" * 300_000, service_account="S" * 300_000, audiences=["y" * 10_000] * 40
     )
     status = await call_error(stub, req)
     assert status.code == grpc.StatusCode.INVALID_ARGUMENT
     assert status.bad_request is not None and status.bad_request.field_violations
+    # Over it: gRPC itself refuses the message (RESOURCE_EXHAUSTED) before the handler runs.
+    req = create_request(namespace="N" * 2_000_000)
+    status = await call_error(stub, req)
+    assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in status.message
     assert emulator.token_request_count == 0
 
 

@@ -1,7 +1,9 @@
-"""The `token-broker` command: `serve` the broker, or get a `token` from one.
+"""The `token-broker` command: `serve` the broker, get a `token` from one, check a `policy`.
 
 `token` takes the flags of `kubectl create token` (--audience, --duration, --bound-object-*,
 -o) plus the connection flags of a gRPC client (--server, --plaintext, --cacert, ...).
+`policy validate FILE` checks a policy file; `policy explain` answers, like
+`kubectl auth can-i`, whether a caller would get a token, and why, with the same request flags.
 """
 
 from __future__ import annotations
@@ -9,12 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
+import os
 import sys
 from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import yaml
@@ -22,57 +25,29 @@ from google.protobuf import json_format
 from grpc import aio
 
 from broker import __version__
+from broker.authn_apikeys import generate_api_key, hash_api_key
 from broker.config import ConfigError, Settings, load_settings
 from broker.convert import TOKEN_REQUEST_API_VERSION, TOKEN_REQUEST_KIND
+from broker.durations import parse_go_duration
 from broker.errors import rich_status_from_call
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
+from broker.identity import AUTH_METHODS, Identity
+
+if TYPE_CHECKING:
+    from broker.policy import Explanation
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 # kubectl's boundObjectKinds: kind -> apiVersion.
 BOUND_OBJECT_KINDS = {"Node": "v1", "Pod": "v1", "Secret": "v1"}
+# The bearer credential of `token`, when --credential-file is not given.
+CREDENTIAL_ENV = "TOKEN_BROKER_CREDENTIAL"
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
 class UsageError(Exception):
     """A flag value is invalid (printed as `error: ...`, exit 2)."""
-
-
-# --- Go durations (time.ParseDuration), as kubectl's --duration takes them --------------------
-
-_GO_UNITS = {
-    "ns": Decimal("1e-9"),
-    "us": Decimal("1e-6"),
-    # Go accepts both micro signs: U+00B5 and U+03BC.
-    "\u00b5s": Decimal("1e-6"),
-    "\u03bcs": Decimal("1e-6"),
-    "ms": Decimal("1e-3"),
-    "s": Decimal(1),
-    "m": Decimal(60),
-    "h": Decimal(3600),
-}
-_GO_PART = re.compile("([0-9]+(?:[.][0-9]*)?|[.][0-9]+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
-
-
-def parse_go_duration(text: str) -> Decimal:
-    """Seconds in a Go duration: "10m", "1h30m", "1.5h", "3600s", "0"; signed."""
-    value = text.strip()
-    sign = -1 if value.startswith("-") else 1
-    if value[:1] in ("+", "-"):
-        value = value[1:]
-    if value == "0":
-        return Decimal(0)
-    pos, total = 0, Decimal(0)
-    while pos < len(value):
-        match = _GO_PART.match(value, pos)
-        if match is None:
-            break
-        total += Decimal(match.group(1)) * _GO_UNITS[match.group(2)]
-        pos = match.end()
-    if not value or pos != len(value):
-        raise ValueError(f'invalid duration "{text}" (examples: 10m, 1h, 1h30m, 3600s)')
-    return sign * total
 
 
 def _duration_arg(text: str) -> Decimal:
@@ -94,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(commands)
     _add_token(commands)
+    _add_policy(commands)
+    _add_apikey(commands)
     emulator = commands.add_parser(
         "emulator",
         help="run the Kubernetes API-server emulator alone (python -m broker.emulator)",
@@ -176,6 +153,13 @@ def _add_token(commands: Any) -> None:
     conn.add_argument("--cert", type=Path, metavar="FILE", help="client certificate (mTLS)")
     conn.add_argument("--key", type=Path, metavar="FILE", help="client private key (mTLS)")
     conn.add_argument("--server-name", help="name to verify in the server certificate")
+    conn.add_argument(
+        "--credential-file",
+        type=Path,
+        metavar="FILE",
+        help=f"bearer credential (an API key or an OIDC JWT) sent as `authorization: Bearer`; "
+        f"also ${CREDENTIAL_ENV} (the file wins)",
+    )
     conn.add_argument(
         "--timeout", type=_duration_arg, default=Decimal(10), help="call deadline (10s)"
     )
@@ -357,13 +341,29 @@ def open_channel(args: argparse.Namespace) -> aio.Channel:
     return aio.secure_channel(target, creds, options=options)
 
 
+def call_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """`authorization: Bearer ...` from --credential-file or the environment, if any."""
+    raw = _read_file(args.credential_file, "--credential-file")
+    credential = raw.decode("utf-8", "replace").strip() if raw is not None else None
+    if credential is None:
+        credential = os.environ.get(CREDENTIAL_ENV, "").strip() or None
+    if credential is None:
+        return ()
+    if raw is not None and not credential:
+        raise UsageError(f"--credential-file: {args.credential_file} is empty")
+    return (("authorization", f"Bearer {credential}"),)
+
+
 async def _create_token(
     args: argparse.Namespace, request: pb.CreateTokenRequest
 ) -> pb.CreateTokenResponse:
     timeout = float(args.timeout) if args.timeout > 0 else None
+    metadata = call_metadata(args)
     async with open_channel(args) as channel:
         stub = pb_grpc.TokenBrokerServiceStub(channel)
-        response: pb.CreateTokenResponse = await stub.CreateToken(request, timeout=timeout)
+        response: pb.CreateTokenResponse = await stub.CreateToken(
+            request, timeout=timeout, metadata=metadata
+        )
         return response
 
 
@@ -411,6 +411,214 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- policy ---------------------------------------------------------------------------------
+
+EXPLAIN_DESCRIPTION = """\
+Would this caller get a token? Evaluates the policy as the broker would (like kubectl auth
+can-i) and prints the decision, the deciding rule and the reason, the effective audiences and
+expiration, and for every rule why it does or does not match. Exit status: 0 allowed,
+1 denied, 2 invalid flags or policy.
+
+The caller is --subject (Identity.name: the client certificate's SPIFFE ID or SAN for mtls,
+the key's identity for apiKey, the `sub` for jwt, the socket's identity for unixSocket) with
+--method (default mtls). jwt callers also need --issuer, and --claim KEY=VALUE per claim
+(repeat a key for a list claim). The request flags are those of `token-broker token`.
+"""
+
+
+def _add_policy(commands: Any) -> None:
+    policy = commands.add_parser(
+        "policy",
+        help="validate a policy file, or explain its decision for a caller and request",
+        description="Check a policy file offline (no broker, no cluster).",
+    )
+    sub = policy.add_subparsers(dest="policy_command", required=True, metavar="SUBCOMMAND")
+    validate = sub.add_parser(
+        "validate",
+        help="check a policy file (exit 1 with the bad key if invalid)",
+        description="Check a policy file: exit 0 with a summary, or 1 naming each bad key.",
+    )
+    validate.add_argument("file", type=Path, metavar="FILE")
+
+    explain = sub.add_parser(
+        "explain",
+        help="would this caller get this token, and why (like kubectl auth can-i)",
+        description=EXPLAIN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    explain.add_argument("--policy", type=Path, required=True, metavar="FILE")
+    who = explain.add_argument_group("caller")
+    who.add_argument("--subject", required=True, metavar="NAME", help="the identity's name")
+    who.add_argument("--method", choices=AUTH_METHODS, default="mtls", help="(default: mtls)")
+    who.add_argument("--issuer", help="the jwt issuer (iss), exactly")
+    who.add_argument(
+        "--claim", action="append", default=[], metavar="KEY=VALUE", help="a jwt claim"
+    )
+    req = explain.add_argument_group("request (as `token-broker token` takes it)")
+    req.add_argument("service_account", metavar="SERVICE_ACCOUNT")
+    req.add_argument("-n", "--namespace", required=True)
+    req.add_argument("--audience", action="append", default=[], help="repeatable")
+    req.add_argument(
+        "--duration", type=_duration_arg, default=Decimal(0), help="10m, 1h; 0: none requested"
+    )
+    req.add_argument("--bound-object-kind", default="", help="Node, Pod or Secret")
+    req.add_argument("--bound-object-name", default="", help="(the policy ignores it)")
+    req.add_argument("--bound-object-uid", default="", help=argparse.SUPPRESS)
+    req.add_argument(
+        "--dry-run", nargs="?", const="server", default="none", choices=["none", "server"]
+    )
+
+
+def identity_from_args(args: argparse.Namespace) -> Identity:
+    """The caller of `policy explain`; raises UsageError."""
+    if args.method == "jwt" and not args.issuer:
+        raise UsageError("--issuer is required with --method jwt")
+    if args.method != "jwt" and (args.issuer or args.claim):
+        raise UsageError("--issuer and --claim are only for --method jwt")
+    claims: dict[str, Any] = {}
+    for item in args.claim:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--claim {item}: expected KEY=VALUE")
+        if key not in claims:
+            claims[key] = value
+        elif isinstance(claims[key], list):
+            claims[key].append(value)
+        else:
+            claims[key] = [claims[key], value]
+    return Identity(
+        method=args.method,
+        name=args.subject,
+        issuer=args.issuer,
+        claims=MappingProxyType(claims),
+    )
+
+
+def explain_request_from_args(args: argparse.Namespace) -> pb.CreateTokenRequest:
+    """The request of `policy explain`, validated as the broker would; raises UsageError."""
+    from broker.validation import create_token_violations
+
+    if args.bound_object_kind and not args.bound_object_name:
+        args.bound_object_name = "any"  # the policy looks at the kind only
+    request = token_request_from_args(args)
+    violations = list(create_token_violations(request))
+    if violations:
+        texts = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        raise UsageError(f"the broker would refuse this request before its policy: {texts}")
+    return request
+
+
+def _policy(args: argparse.Namespace) -> int:
+    from broker.policy import Policy, PolicyError
+
+    if args.policy_command == "validate":
+        try:
+            policy = Policy.load(args.file)
+        except PolicyError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        count = len(policy.rules)
+        print(f"{args.file}: valid, {count} rule{'' if count == 1 else 's'}")
+        return 0
+    try:
+        identity = identity_from_args(args)
+        request = explain_request_from_args(args)
+        policy = Policy.load(args.policy)
+    except (UsageError, PolicyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    explanation = policy.explain(identity, request)
+    print(format_explanation(explanation, identity, request), end="")
+    return 0 if explanation.decision.allowed else EXIT_ERROR
+
+
+def describe_request(request: pb.CreateTokenRequest) -> str:
+    spec = request.token_request.spec
+    parts = [
+        f"{request.namespace}/{request.service_account}",
+        f"audiences {', '.join(spec.audiences) or '(none)'}",
+        f"expiration {spec.expiration_seconds}s"
+        if spec.HasField("expiration_seconds")
+        else "expiration (none)",
+    ]
+    if spec.HasField("bound_object_ref"):
+        parts.append(f"bound to a {spec.bound_object_ref.kind}")
+    if request.dry_run:
+        parts.append("dry run")
+    return ", ".join(parts)
+
+
+def format_explanation(
+    explanation: Explanation, identity: Identity, request: pb.CreateTokenRequest
+) -> str:
+    """The report of `policy explain`."""
+    d = explanation.decision
+    lines = [
+        "allowed" if d.allowed else "denied",
+        f"reason:     {d.reason}",
+        f"rule:       {d.rule or '(none matched)'}",
+        f"caller:     {identity}",
+        f"request:    {describe_request(request)}",
+    ]
+    if d.allowed:
+        own = "(none: the API server's own)"
+        default = "(none: the API server's default, 3600s)"
+        lines.append(f"audiences:  {', '.join(d.audiences) or own}")
+        lines.append(
+            f"expiration: {default if d.expiration_seconds is None else d.expiration_seconds}"
+            + ("" if d.expiration_seconds is None else "s")
+        )
+        lines += [f"warning:    {w}" for w in d.warnings]
+    else:
+        lines.append(f"message:    {d.message}")
+    lines.append("rules:")
+    decided = False
+    for rule in explanation.rules:
+        if rule.deciding:
+            state, decided = "matches, decides", True
+        elif rule.matched:
+            state = "matches, but an earlier rule decides" if decided else "matches"
+        else:
+            state = "does not match"
+        lines.append(f"  [{rule.index}] {rule.name}: {state}")
+        lines += [f"        - {why}" for why in rule.mismatches]
+    if not explanation.rules:
+        lines.append("  (none: the policy denies everything)")
+    return "\n".join(lines) + "\n"
+
+
+# --- apikey -----------------------------------------------------------------------------------
+
+
+def _add_apikey(commands: Any) -> None:
+    apikey = commands.add_parser(
+        "apikey",
+        help="make API keys and the SHA-256 hashes the broker's configuration holds",
+        description="The broker stores only SHA-256 hashes of API keys "
+        "(authentication.apiKeys). `generate` prints a new random key and its hash; `hash` "
+        "reads a key from stdin and prints its hash.",
+    )
+    verbs = apikey.add_subparsers(dest="apikey_command", metavar="COMMAND", required=True)
+    generate = verbs.add_parser("generate", help="a new random key, and its hash")
+    generate.add_argument("--name", default="NAME", help="identity name for the printed entry")
+    verbs.add_parser("hash", help="the SHA-256 hash of a key read from stdin")
+
+
+def _apikey(args: argparse.Namespace) -> int:
+    if args.apikey_command == "generate":
+        key = generate_api_key()
+        print(f"key: {key}")
+        print("# the broker's configuration (authentication.apiKeys.keys or its file):")
+        print(f"- {{name: {args.name}, sha256: {hash_api_key(key)}}}")
+        return 0
+    key = sys.stdin.readline().strip()
+    if not key:
+        print("error: no key on stdin", file=sys.stderr)
+        return EXIT_USAGE
+    print(hash_api_key(key))
+    return 0
+
+
 # --- emulator ---------------------------------------------------------------------------------
 
 
@@ -431,6 +639,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "token":
         return _token(args)
+    if args.command == "policy":
+        return _policy(args)
+    if args.command == "apikey":
+        return _apikey(args)
     return _emulator(args.emulator_args)
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextvars
 import ipaddress
 import os
+import re
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -132,6 +134,169 @@ class LogSettings(_Section):
     format: Literal["json", "text"] = "json"
 
 
+class PolicySettings(_Section):
+    """Who may get which tokens (broker.policy). Without a file every request is denied."""
+
+    file: Path | None = None
+    # How often the file is checked for changes (by content hash); SIGHUP reloads at once.
+    reload_interval_seconds: float = Field(default=5.0, gt=0)
+
+
+class AuditSettings(_Section):
+    """The audit log: one JSON line per CreateToken decision, its own stream (not logging)."""
+
+    sink: Literal["stdout", "file"] = "stdout"
+    # Appended to (created with mode 0640 if missing); required with sink: file.
+    file: Path | None = None
+    # Refuse to issue a token (UNAVAILABLE, AUDIT_UNAVAILABLE) when its line cannot be written.
+    fail_closed: bool = False
+
+    @model_validator(mode="after")
+    def _file_iff_file_sink(self) -> AuditSettings:
+        if self.sink == "file" and self.file is None:
+            raise ValueError("set audit.file when audit.sink is file")
+        if self.sink != "file" and self.file is not None:
+            raise ValueError("audit.file is only written with audit.sink: file")
+        return self
+
+
+# --- authentication -----------------------------------------------------------------------
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# Asymmetric JWS algorithms a JWT issuer may be configured with. `none` and HS* never: a
+# shared-secret algorithm verified against a published public key is the classic forgery.
+JWT_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+class MTLSAuthSettings(_Section):
+    """Callers identified by their verified client certificate (needs server.tls.clientCaFile)."""
+
+    enabled: bool = False
+
+
+class ApiKeyEntry(_Section):
+    """An API key, by the SHA-256 (hex) of the key: the key itself is never configured."""
+
+    name: str = Field(min_length=1)
+    sha256: str = Field(repr=False)
+
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _hex_digest(cls, value: object) -> object:
+        # The value is not quoted back: it might be a key pasted where its hash belongs.
+        if not isinstance(value, str) or not _SHA256_HEX.fullmatch(value.strip().lower()):
+            raise ValueError(
+                "must be the 64 hex digits of the key's SHA-256 (token-broker apikey hash)"
+            )
+        return value.strip().lower()
+
+
+def check_unique_api_keys(entries: typing.Iterable[ApiKeyEntry]) -> None:
+    seen: set[str] = set()
+    for entry in entries:
+        if entry.sha256 in seen:
+            raise ValueError(f"the key of {entry.name!r} is listed twice")
+        seen.add(entry.sha256)
+
+
+class ApiKeySettings(_Section):
+    """`Authorization: Bearer <key>` callers: key hashes inline and/or in a mounted YAML file
+    (`keys: [{name: ci-deployer, sha256: <hex>}]`)."""
+
+    file: Path | None = None
+    keys: tuple[ApiKeyEntry, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique(self) -> ApiKeySettings:
+        check_unique_api_keys(self.keys)
+        return self
+
+
+class JwtIssuerSettings(_Section):
+    """One external OIDC/JWT issuer whose bearer tokens identify callers."""
+
+    # Exact `iss` value.
+    issuer: str = Field(min_length=1)
+    # Accepted `aud` values: a token must carry at least one of them.
+    audiences: tuple[str, ...] = ()
+    # The issuer's public keys: a JWKS file, or a URL fetched and cached.
+    jwks_file: Path | None = None
+    jwks_url: str | None = None
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    clock_skew_seconds: int = Field(default=60, ge=0, le=600)
+    # The claim naming the caller.
+    identity_claim: str = Field(default="sub", min_length=1)
+    # jwksUrl: refetch after this age; unknown `kid`s refetch at most once per min-refresh.
+    jwks_cache_seconds: float = Field(default=300.0, gt=0)
+    jwks_min_refresh_seconds: float = Field(default=30.0, ge=0)
+    jwks_fetch_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    @field_validator("audiences")
+    @classmethod
+    def _audiences(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or not all(value):
+            raise ValueError("at least one non-empty audience is required")
+        return value
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one algorithm is required")
+        for alg in value:
+            if alg.lower() == "none" or alg.upper().startswith("HS"):
+                raise ValueError(f"{alg} is not allowed (only asymmetric algorithms)")
+            if alg not in JWT_ALGORITHMS:
+                raise ValueError(f"{alg} is not one of {', '.join(sorted(JWT_ALGORITHMS))}")
+        return value
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _https(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        url = urllib.parse.urlsplit(value)
+        if not url.hostname or url.scheme not in ("https", "http"):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        if url.scheme == "http" and not is_loopback_address(f"{url.hostname}:0"):
+            raise ValueError("must be https (plain http only on a loopback address)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> JwtIssuerSettings:
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError("set exactly one of jwksFile or jwksUrl")
+        return self
+
+
+class JwtAuthSettings(_Section):
+    issuers: tuple[JwtIssuerSettings, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique(self) -> JwtAuthSettings:
+        names = [i.issuer for i in self.issuers]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"issuer {name!r} is configured twice")
+        return self
+
+
+class UnixSocketAuthSettings(_Section):
+    # The identity of every caller on server.unixSocket (None: they need credentials too).
+    identity: str | None = Field(default=None, min_length=1)
+
+
+class AuthenticationSettings(_Section):
+    """How callers prove who they are. The default enables nothing: every call is refused."""
+
+    mtls: MTLSAuthSettings = MTLSAuthSettings()
+    api_keys: ApiKeySettings = ApiKeySettings()
+    jwt: JwtAuthSettings = JwtAuthSettings()
+    unix_socket: UnixSocketAuthSettings = UnixSocketAuthSettings()
+
+
 class Settings(BaseSettings):
     """All broker settings. Build with `load_settings`."""
 
@@ -147,6 +312,9 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     kubernetes: KubernetesSettings = KubernetesSettings()
     log: LogSettings = LogSettings()
+    policy: PolicySettings = PolicySettings()
+    audit: AuditSettings = AuditSettings()
+    authentication: AuthenticationSettings = AuthenticationSettings()
     # Dev mode: embedded emulator, plaintext loopback. Never in production.
     dev: bool = False
 

@@ -1,7 +1,9 @@
 """The gRPC server: listeners, TLS, health, reflection and graceful shutdown. Wiring only.
 
-The request path lives in `broker.service`; this module binds it to TCP and/or a unix socket
-next to the standard `grpc.health.v1.Health` and server reflection services.
+The request path lives in `broker.service`; this module builds its parts from the settings
+(authenticator, policy source, upstream client, audit log), binds it to TCP and/or a unix
+socket next to the standard `grpc.health.v1.Health` and server reflection services, and
+owns the parts' lifecycles.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from grpc_health.v1 import _async as health_aio  # the asyncio HealthServicer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from broker.audit import AuditLog
+from broker.authn import Authenticator
 from broker.config import (
     ConfigError,
     Settings,
@@ -29,6 +33,7 @@ from broker.config import (
 )
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
+from broker.policy_reload import FixedPolicy, PolicyStore, open_policy
 from broker.service import TokenBrokerServicer
 from broker.tls import ServerTLSMaterial, load_tls_material_async
 from broker.upstream import UpstreamClient
@@ -78,6 +83,10 @@ class BrokerServer:
         self._health_address: str | None = None
         self._unix_socket: Path | None = None
         self._stopped = False
+        self._authenticator: Authenticator | None = None
+        self._policy: PolicyStore | FixedPolicy | None = None
+        self._policy_watch: asyncio.Task[None] | None = None
+        self._audit: AuditLog | None = None
 
     @property
     def address(self) -> str:
@@ -96,6 +105,12 @@ class BrokerServer:
         return self._unix_socket
 
     @property
+    def policy(self) -> PolicyStore | FixedPolicy:
+        if self._policy is None:
+            raise RuntimeError("server not started")
+        return self._policy
+
+    @property
     def upstream(self) -> UpstreamClient:
         if self._upstream is None:
             raise RuntimeError("server not started")
@@ -110,13 +125,25 @@ class BrokerServer:
         tls = await load_tls_material_async(cfg.tls) if cfg.tls is not None else None
         if cfg.unix_socket is not None:
             await _remove_stale_socket(cfg.unix_socket)
-        if self._upstream is None:
-            self._upstream = await UpstreamClient.from_settings(self.settings.kubernetes)
-
         server = aio.server(options=channel_options(self.settings))
         try:
+            # Each part checks its own settings; any failure stops the start (ConfigError).
+            self._authenticator = Authenticator.from_settings(
+                self.settings.authentication, self.settings.server
+            )
+            await self._authenticator.start()
+            self._policy = await open_policy(self.settings.policy)
+            self._audit = await AuditLog.from_settings(self.settings.audit)
+            if self._upstream is None:
+                self._upstream = await UpstreamClient.from_settings(self.settings.kubernetes)
             pb_grpc.add_TokenBrokerServiceServicer_to_server(
-                TokenBrokerServicer(self._upstream), server
+                TokenBrokerServicer(
+                    authenticator=self._authenticator,
+                    policy=self._policy,
+                    upstream=self._upstream,
+                    audit=self._audit,
+                ),
+                server,
             )
             self._health = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -146,11 +173,11 @@ class BrokerServer:
             if self._unix_socket is not None:
                 await asyncio.to_thread(self._unix_socket.unlink, missing_ok=True)
                 self._unix_socket = None
-            if self._owns_upstream and self._upstream is not None:
-                await self._upstream.close()
-                self._upstream = None
+            await self._close_parts()
             raise
         self._server = server
+        if isinstance(self._policy, PolicyStore):
+            self._policy_watch = asyncio.create_task(self._policy.run(), name="policy-watch")
         logger.info(
             "token broker serving",
             extra={
@@ -183,12 +210,28 @@ class BrokerServer:
         if self._health_server is not None:
             # Up until the main server is done, so probes saw NOT_SERVING all along.
             await self._health_server.stop(None)
-        if self._owns_upstream and self._upstream is not None:
-            await self._upstream.close()
+        await self._close_parts()
         if self._unix_socket is not None:
             with contextlib.suppress(FileNotFoundError):
                 await asyncio.to_thread(self._unix_socket.unlink)
         logger.info("stopped")
+
+    async def _close_parts(self) -> None:
+        # After the last call has finished: every call's audit line is written.
+        if self._policy_watch is not None:
+            self._policy_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._policy_watch
+            self._policy_watch = None
+        if self._audit is not None:
+            await self._audit.close()
+            self._audit = None
+        if self._authenticator is not None:
+            await self._authenticator.close()
+            self._authenticator = None
+        if self._owns_upstream and self._upstream is not None:
+            await self._upstream.close()
+            self._upstream = None
 
     async def stop_now(self) -> None:
         """Cancel in-flight calls of a stop in progress (a second SIGTERM/SIGINT)."""
@@ -285,6 +328,9 @@ async def serve_until_signal(server: BrokerServer) -> None:
 
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
+    # SIGHUP re-reads the policy file at once (it is also polled).
+    policy = server.policy
+    remove_sighup = policy.install_sighup_handler(loop) if isinstance(policy, PolicyStore) else None
     terminated = asyncio.ensure_future(server.wait_for_termination())
     requested = asyncio.ensure_future(stop_requested.wait())
     try:
@@ -295,3 +341,5 @@ async def serve_until_signal(server: BrokerServer) -> None:
         terminated.cancel()
         for sig in signals:
             loop.remove_signal_handler(sig)
+        if remove_sighup is not None:
+            remove_sighup()

@@ -1,23 +1,33 @@
 """The TokenBrokerService servicer: wires the request-path concerns together.
 
-CreateToken = validate -> (authentication -> policy -> rate limits -> cache: later) ->
-upstream. Each concern lives in its own module; this one only orders them and turns failures
-into gRPC statuses.
+CreateToken = authenticate (authn.py) -> validate (validation.py) -> policy (policy.py)
+-> upstream (upstream.py), then one audit line (audit.py) whatever happened. Each concern
+lives in its own module; this one only orders them and turns failures into gRPC statuses.
+
+Authentication comes first so that an unauthenticated caller learns nothing but
+UNAUTHENTICATED; validation comes before policy because policy reads the request's fields.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 import traceback
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc import aio
 
+from broker.audit import AuditLog, AuditRecord, AuditWriteError
+from broker.authn import Authenticator
 from broker.errors import BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
-from broker.upstream import UpstreamClient
+from broker.identity import Identity
+from broker.policy import Decision, Policy
+from broker.request_id import REQUEST_ID_METADATA_KEY, request_id_from
+from broker.upstream import UpstreamClient, UpstreamResult
 from broker.validation import validate_create_token
 
 logger = logging.getLogger(__name__)
@@ -25,19 +35,51 @@ logger = logging.getLogger(__name__)
 REASON_INTERNAL = "INTERNAL"
 
 
+class PolicySource(Protocol):
+    """Where the policy in force comes from (a reloading PolicyStore, or a fixed Policy)."""
+
+    @property
+    def current(self) -> Policy: ...
+
+
+@dataclasses.dataclass
+class _Call:
+    """What one CreateToken call learned on its way, for the audit line."""
+
+    identity: Identity | None = None
+    decision: Decision | None = None
+    result: UpstreamResult | None = None
+
+
 class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
-    def __init__(self, upstream: UpstreamClient) -> None:
+    def __init__(
+        self,
+        *,
+        authenticator: Authenticator,
+        policy: PolicySource,
+        upstream: UpstreamClient,
+        audit: AuditLog,
+    ) -> None:
+        self._authenticator = authenticator
+        self._policy = policy
         self._upstream = upstream
+        self._audit = audit
 
     async def CreateToken(
         self,
         request: pb.CreateTokenRequest,
         context: aio.ServicerContext[Any, Any],
     ) -> pb.CreateTokenResponse:
+        started = time.monotonic()
+        request_id = request_id_from(context.invocation_metadata())
+        await context.send_initial_metadata(((REQUEST_ID_METADATA_KEY, request_id),))
+        call = _Call()
+        response: pb.CreateTokenResponse | None = None
+        error: BrokerError | None = None
         try:
-            return await self._create_token(request, context)
+            response = await self._create_token(request, context, call)
         except BrokerError as err:
-            await err.abort(context)
+            error = err
         except Exception as exc:
             # Never UNKNOWN, never a stack trace to the caller. The log has the frames but
             # not the exception text, which could quote a token from a response.
@@ -45,30 +87,57 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
                 "CreateToken failed unexpectedly: %s\n%s",
                 type(exc).__name__,
                 "".join(traceback.format_tb(exc.__traceback__)),
+                extra={"request_id": request_id},
             )
-            await BrokerError(
+            error = BrokerError(
                 code=grpc.StatusCode.INTERNAL,
                 message="internal error in the token broker",
                 reason=REASON_INTERNAL,
-            ).abort(context)
+            )
+        record = AuditRecord.for_call(
+            request,
+            request_id=request_id,
+            identity=call.identity,
+            peer=context.peer(),
+            latency_ms=(time.monotonic() - started) * 1000,
+            result=call.result,
+            error=error,
+            rule=call.decision.rule if call.decision is not None else None,
+        )
+        try:
+            await self._audit.write(record)
+        except AuditWriteError as exc:
+            # Fail closed: a token nobody can account for is not handed out.
+            error = exc.as_broker_error()
+        if error is not None:
+            await error.abort(context)
+        assert response is not None
+        return response
 
     async def _create_token(
         self,
         request: pb.CreateTokenRequest,
         context: aio.ServicerContext[Any, Any],
+        call: _Call,
     ) -> pb.CreateTokenResponse:
+        call.identity = await self._authenticator.authenticate(context)
         validate_create_token(request)
-        # Seam: authentication, policy, rate limits and the cache go here, in that order.
-        result = await self._upstream.create_token(
-            request.namespace,
-            request.service_account,
-            request.token_request,
-            dry_run=bool(request.dry_run),
-            field_manager=request.field_manager,
-            field_validation=request.field_validation,
+        call.decision = decision = self._policy.current.decide(call.identity, request)
+        if not decision.allowed:
+            raise decision.error()
+        effective = decision.effective_request(request)
+        # Seam: rate limits and the cache go here, in that order.
+        call.result = result = await self._upstream.create_token(
+            effective.namespace,
+            effective.service_account,
+            effective.token_request,
+            dry_run=bool(effective.dry_run),
+            field_manager=effective.field_manager,
+            field_validation=effective.field_validation,
             # None (no gRPC deadline): the configured request timeout applies.
             timeout=context.time_remaining(),
         )
         return pb.CreateTokenResponse(
-            token_request=result.token_request, warnings=list(result.warnings)
+            token_request=result.token_request,
+            warnings=[*decision.warnings, *result.warnings],
         )

@@ -20,6 +20,7 @@ import grpc
 import pytest
 from grpc import aio
 
+from broker.authn import hash_api_key
 from broker.config import KubernetesSettings, RetrySettings, Settings, load_settings
 from broker.emulator import Emulator, EmulatorConfig
 from broker.errors import RichStatus, rich_status_from_call
@@ -27,6 +28,8 @@ from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 from broker.server import BrokerServer
 from broker.upstream import UpstreamClient
+
+pytest_plugins = ["emulator_support", "cli_support"]  # shared fixtures; rewritten asserts
 
 NAMESPACE = "demo"
 OTHER_NAMESPACE = "other"  # exists, but the broker's user has no RBAC grant there
@@ -38,6 +41,12 @@ SECRET = "s1"
 NODE = "node-1"
 BROKER_USER = "system:serviceaccount:token-broker:token-broker"
 BROKER_TOKEN = "broker-test-credential-5f2c9a"  # the broker's own bearer credential
+# The broker's callers: an API key (over TCP) and the unix socket's fixed identity.
+CALLER = "test-caller"
+CALLER_KEY = "tbk_test-caller-key-3c1d8e0f9a"
+CALLER_METADATA = (("authorization", f"Bearer {CALLER_KEY}"),)
+LOCAL_CALLER = "test-local"
+CORE_POLICY = Path(__file__).parent / "data" / "core-policy.yaml"
 
 SEED: dict[str, Any] = {
     "namespaces": [
@@ -117,12 +126,40 @@ class RunningBroker:
     upstream: UpstreamClient
 
 
-def broker_settings(kube: KubernetesSettings, **server: Any) -> Settings:
-    """Settings for a broker on 127.0.0.1:<free port>, plaintext unless TLS is given."""
+def broker_settings(
+    kube: KubernetesSettings, *, policy: Path = CORE_POLICY, **server: Any
+) -> Settings:
+    """Settings for a broker on 127.0.0.1:<free port>, plaintext unless TLS is given.
+
+    Callers authenticate with CALLER_KEY (identity CALLER) or, on a unix socket, as
+    LOCAL_CALLER; `policy` decides (default: the permissive core-tests policy).
+    """
     server.setdefault("listen", "127.0.0.1:0")
     if server["listen"] is not None and "tls" not in server:
         server.setdefault("allow_plaintext", True)
-    return load_settings(None, {"server": server, "kubernetes": kube})
+    return load_settings(None, {"server": server, "kubernetes": kube, **access_config(policy)})
+
+
+def access_config(policy: Path = CORE_POLICY) -> dict[str, Any]:
+    """The `authentication` and `policy` settings of the test callers (YAML-ready)."""
+    return {
+        "authentication": {
+            "apiKeys": {"keys": [{"name": CALLER, "sha256": hash_api_key(CALLER_KEY)}]},
+            "unixSocket": {"identity": LOCAL_CALLER},
+        },
+        "policy": {"file": str(policy)},
+    }
+
+
+class BearerCredential(aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds `authorization: Bearer <credential>` to every call of a channel."""
+
+    def __init__(self, credential: str) -> None:
+        self._metadata = ("authorization", f"Bearer {credential}")
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        metadata = aio.Metadata(*(details.metadata or ()), self._metadata)
+        return await continuation(details._replace(metadata=metadata), request)
 
 
 @pytest.fixture
@@ -140,7 +177,10 @@ async def broker(
 
 @pytest.fixture
 async def channel(broker: RunningBroker) -> AsyncIterator[aio.Channel]:
-    async with aio.insecure_channel(broker.address) as ch:
+    """A channel to the broker whose calls carry the test caller's API key."""
+    async with aio.insecure_channel(
+        broker.address, interceptors=[BearerCredential(CALLER_KEY)]
+    ) as ch:
         yield ch
 
 

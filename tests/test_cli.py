@@ -8,54 +8,28 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import jwt
 import pytest
 import yaml
-from conftest import NAMESPACE, POD, SERVICE_ACCOUNT, RunningBroker, broker_settings
-from test_server import issue
+from cli_support import Process, claims, issue, run_cli, start_broker
+from conftest import (
+    NAMESPACE,
+    POD,
+    SERVICE_ACCOUNT,
+    RunningBroker,
+    access_config,
+    broker_settings,
+)
 
 from broker.cli import build_parser, main, parse_go_duration, serve_overrides
 from broker.config import KubernetesSettings, load_settings
 from broker.emulator import Emulator
 from broker.server import BrokerServer
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_BROKER_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
-
-
-async def run_cli(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "broker",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=cli_env(),
-        cwd=REPO,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
-
-
-def claims(token: str) -> dict[str, object]:
-    return dict(jwt.decode(token, options={"verify_signature": False}))
-
 
 # --- token ------------------------------------------------------------------------------------
 
@@ -180,11 +154,7 @@ async def test_token_over_mutual_tls_and_a_unix_socket(
 ) -> None:
     server_pki = issue(tmp_path, "server", "broker.internal")
     client_pki = issue(tmp_path, "client", "client.example")
-    tls = {
-        "cert_file": server_pki.cert,
-        "key_file": server_pki.key,
-        "client_ca_file": client_pki.ca_file,
-    }
+    tls = server_pki.server_tls(client_ca=client_pki)
     with tempfile.TemporaryDirectory(prefix="tb-") as directory:
         sock = Path(directory) / "b.sock"
         settings = broker_settings(kubernetes_settings, tls=tls, unix_socket=sock)
@@ -295,47 +265,6 @@ async def test_serve_process_refuses_plaintext_on_all_interfaces(kubeconfig: Pat
     assert "Traceback" not in err
 
 
-class Process:
-    """A `python -m broker` child with its stdout and stderr read line by line."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.stdout: list[str] = []
-        self.stderr: list[str] = []
-        assert proc.stdout is not None and proc.stderr is not None
-        self._readers = [
-            asyncio.ensure_future(self._pump(proc.stdout, self.stdout)),
-            asyncio.ensure_future(self._pump(proc.stderr, self.stderr)),
-        ]
-        self._new_line = asyncio.Event()
-
-    async def _pump(self, stream: asyncio.StreamReader, lines: list[str]) -> None:
-        async for raw in stream:
-            lines.append(raw.decode())
-            self._new_line.set()
-
-    async def wait_for(self, predicate: str, *, stream: str = "stdout") -> int:
-        """Index of the first line containing `predicate` (safety timeout: 60 s)."""
-        lines = self.stdout if stream == "stdout" else self.stderr
-
-        async def scan() -> int:
-            while True:
-                for i, line in enumerate(lines):
-                    if predicate in line:
-                        return i
-                assert self.proc.returncode is None, "".join(self.stderr)
-                self._new_line.clear()
-                await self._new_line.wait()
-
-        return await asyncio.wait_for(scan(), 60)
-
-    async def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        rc = await asyncio.wait_for(self.proc.wait(), 60)
-        await asyncio.gather(*self._readers)
-        return rc
-
-
 Spawn = Callable[..., Awaitable[Process]]
 
 
@@ -344,12 +273,7 @@ async def spawn() -> AsyncIterator[Spawn]:
     started: list[Process] = []
 
     async def start(*args: str) -> Process:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "broker", *args,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            env=cli_env(), cwd=REPO,
-        )  # fmt: skip
-        started.append(Process(proc))
+        started.append(await start_broker(*args))
         return started[-1]
 
     yield start
@@ -368,6 +292,7 @@ async def test_serve_process_serves_then_exits_cleanly_on_sigterm(
             {
                 "server": {"listen": "127.0.0.1:0", "allowPlaintext": True},
                 "kubernetes": {"mode": "kubeconfig", "kubeconfig": str(kubeconfig)},
+                **access_config(),
                 "log": {"format": "json", "level": "debug"},
             }
         )
@@ -405,6 +330,7 @@ async def test_serve_process_second_sigterm_cancels_in_flight_calls(
                     "shutdownGraceSeconds": 3600,
                 },
                 "kubernetes": {"mode": "kubeconfig", "kubeconfig": str(kubeconfig)},
+                **access_config(),
             }
         )
     )

@@ -80,6 +80,20 @@ def expect_kubernetes_error(
         assert "kubernetesName" not in info.metadata
 
 
+def expect_not_found(status: Any, kind: str, name: str) -> None:
+    """The API server's 404 for a missing object, as NOT_FOUND with its kind and name."""
+    expect_kubernetes_error(
+        status,
+        grpc.StatusCode.NOT_FOUND,
+        f'{kind} "{name}" not found',
+        "KUBERNETES_NOT_FOUND",
+        404,
+        "NotFound",
+        kubernetesKind=kind,
+        kubernetesName=name,
+    )
+
+
 # --- success -------------------------------------------------------------------------------
 
 
@@ -237,30 +251,12 @@ async def test_bound_pod_deleted(stub: pb_grpc.TokenBrokerServiceStub, emulator:
     emulator.store.delete_pod(NAMESPACE, POD)
     bound = pb.BoundObjectReference(kind="Pod", name=POD)
     status = await call_error(stub, create_request(bound=bound))
-    expect_kubernetes_error(
-        status,
-        grpc.StatusCode.NOT_FOUND,
-        f'pods "{POD}" not found',
-        "KUBERNETES_NOT_FOUND",
-        404,
-        "NotFound",
-        kubernetesKind="pods",
-        kubernetesName=POD,
-    )
+    expect_not_found(status, "pods", POD)
 
 
 async def test_service_account_missing(stub: pb_grpc.TokenBrokerServiceStub) -> None:
     status = await call_error(stub, create_request(service_account="nobody"))
-    expect_kubernetes_error(
-        status,
-        grpc.StatusCode.NOT_FOUND,
-        'serviceaccounts "nobody" not found',
-        "KUBERNETES_NOT_FOUND",
-        404,
-        "NotFound",
-        kubernetesKind="serviceaccounts",
-        kubernetesName="nobody",
-    )
+    expect_not_found(status, "serviceaccounts", "nobody")
 
 
 async def test_pod_runs_as_other_service_account(stub: pb_grpc.TokenBrokerServiceStub) -> None:
@@ -296,31 +292,13 @@ async def test_node_binding_disabled(stub: pb_grpc.TokenBrokerServiceStub) -> No
 async def test_bound_node_missing(stub: pb_grpc.TokenBrokerServiceStub) -> None:
     bound = pb.BoundObjectReference(kind="Node", name="node-9")
     status = await call_error(stub, create_request(bound=bound))
-    expect_kubernetes_error(
-        status,
-        grpc.StatusCode.NOT_FOUND,
-        'nodes "node-9" not found',
-        "KUBERNETES_NOT_FOUND",
-        404,
-        "NotFound",
-        kubernetesKind="nodes",
-        kubernetesName="node-9",
-    )
+    expect_not_found(status, "nodes", "node-9")
 
 
 async def test_bound_secret_missing(stub: pb_grpc.TokenBrokerServiceStub) -> None:
     bound = pb.BoundObjectReference(kind="Secret", name="nope")
     status = await call_error(stub, create_request(bound=bound))
-    expect_kubernetes_error(
-        status,
-        grpc.StatusCode.NOT_FOUND,
-        'secrets "nope" not found',
-        "KUBERNETES_NOT_FOUND",
-        404,
-        "NotFound",
-        kubernetesKind="secrets",
-        kubernetesName="nope",
-    )
+    expect_not_found(status, "secrets", "nope")
 
 
 async def test_forbidden_namespace(

@@ -2,7 +2,8 @@
 
 Every row of the reference's two error tables, with the exact Status body, plus the success
 shape, defaults, bound tokens and the JWT itself (verified against the served JWKS).
-The other test_emulator_*.py modules import the seed and fixtures' helpers from here.
+The seed, helpers and fixtures shared with the other test_emulator_*.py modules are in
+emulator_support.py.
 """
 
 from __future__ import annotations
@@ -12,141 +13,40 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
+from emulator_support import (
+    ALICE_TOKEN,
+    BROKER,
+    BROKER_TOKEN,
+    ISSUER,
+    MISSING_NS,
+    NODE,
+    NODELESS_POD,
+    NS,
+    OTHER_NS,
+    OTHER_POD,
+    OTHER_SA,
+    POD,
+    SA,
+    SECRET,
+    MakeEmulator,
+    assert_not_found,
+    assert_status,
+    invalid_details,
+    status_body,
+    token_path,
+    verify,
+)
 
-from broker.emulator import Emulator, EmulatorConfig
-from broker.emulator.client import EmulatorClient, Reply
+from broker.emulator import Emulator
+from broker.emulator.client import EmulatorClient
 
-ISSUER = "https://kubernetes.default.svc.cluster.local"
-NS = "default"
-OTHER_NS = "other"
-MISSING_NS = "ghost"  # granted, but does not exist
-SA = "build-robot"
-OTHER_SA = "deployer"
-POD = "web-0"  # runs as SA on NODE
-OTHER_POD = "db-0"  # runs as OTHER_SA, no node
-NODELESS_POD = "lonely-0"  # runs as SA on a node that does not exist
-SECRET = "s1"
-NODE = "node-1"
-BROKER = "system:serviceaccount:token-broker:token-broker"
-BROKER_TOKEN = "broker-test-token"
-ALICE_TOKEN = "alice-test-token"
-ADMIN_TOKEN = "admin-test-token"
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-
-SEED: dict[str, Any] = {
-    "namespaces": [
-        {
-            "name": NS,
-            "serviceAccounts": [{"name": SA}, {"name": OTHER_SA}],
-            "pods": [
-                {"name": POD, "serviceAccountName": SA, "nodeName": NODE},
-                {"name": OTHER_POD, "serviceAccountName": OTHER_SA},
-                {"name": NODELESS_POD, "serviceAccountName": SA, "nodeName": "gone-node"},
-            ],
-            "secrets": [{"name": SECRET}],
-        },
-        {"name": OTHER_NS, "serviceAccounts": [{"name": SA}]},
-    ],
-    "nodes": [{"name": NODE}],
-    "users": [
-        {"token": BROKER_TOKEN, "name": BROKER},
-        {"token": ALICE_TOKEN, "name": "alice"},
-        {"token": ADMIN_TOKEN, "name": "admin", "admin": True},
-    ],
-    "rbac": [{"user": BROKER, "namespaces": [NS, OTHER_NS, MISSING_NS]}],
-}
-
-MakeEmulator = Callable[..., Awaitable[Emulator]]
-
-
-async def started(**overrides: Any) -> Emulator:
-    emu = Emulator(EmulatorConfig(**overrides), seed=SEED)
-    await emu.start()
-    return emu
-
-
-@pytest.fixture
-async def make_emu() -> AsyncIterator[MakeEmulator]:
-    """Start emulators with config overrides; all are stopped afterwards."""
-    emulators: list[Emulator] = []
-
-    async def make(**overrides: Any) -> Emulator:
-        emulators.append(await started(**overrides))
-        return emulators[-1]
-
-    yield make
-    for emu in emulators:
-        await emu.stop()
-
-
-@pytest.fixture
-async def emu(make_emu: MakeEmulator) -> Emulator:
-    return await make_emu()
-
-
-@pytest.fixture
-async def client(emu: Emulator) -> AsyncIterator[EmulatorClient]:
-    async with EmulatorClient(emu.url, emu.ca_file, BROKER_TOKEN) as c:
-        yield c
-
-
-def status_body(code: int, reason: str | None, message: str, details: Any = None) -> dict[str, Any]:
-    """A Status object in the apiserver's member order."""
-    body: dict[str, Any] = {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-    }
-    if reason is not None:
-        body["reason"] = reason
-    if details is not None:
-        body["details"] = details
-    body["code"] = code
-    return body
-
-
-def assert_status(
-    reply: Reply, code: int, reason: str | None, message: str, details: Any = None
-) -> None:
-    assert reply.status == code, reply.text
-    assert reply.headers["Content-Type"] == "application/json"
-    expected = status_body(code, reason, message, details)
-    assert reply.json() == expected
-    assert list(reply.json()) == list(expected)  # member order, as Go writes it
-
-
-def invalid_details(field: str, message: str, name: str = "") -> dict[str, Any]:
-    details: dict[str, Any] = {"group": "authentication.k8s.io", "kind": "TokenRequest"}
-    if name:
-        details = {"name": name, **details}
-    details["causes"] = [{"reason": "FieldValueInvalid", "message": message, "field": field}]
-    return details
-
-
-async def verify(
-    client: EmulatorClient, token: str, audience: str | list[str] = ISSUER
-) -> dict[str, Any]:
-    """Verify a token against the keys the emulator serves; the claims."""
-    jwks = (await client.request("GET", "/openid/v1/jwks", token=None)).json()
-    header = jwt.get_unverified_header(token)
-    key = next(k for k in jwt.PyJWKSet.from_dict(jwks).keys if k.key_id == header["kid"])
-    claims: dict[str, Any] = jwt.decode(
-        token, key.key, algorithms=[header["alg"]], audience=audience, issuer=ISSUER
-    )
-    return claims
-
-
-def token_path(namespace: str = NS, name: str = SA) -> str:
-    return f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token"
 
 
 # --- success -------------------------------------------------------------------------------
@@ -382,7 +282,7 @@ async def test_node_bound_token_when_enabled(make_emu: MakeEmulator) -> None:
         # 6e: bound Node missing.
         ref = {"kind": "Node", "apiVersion": "v1", "name": "n"}
         reply = await client.create_token(NS, SA, {"spec": {"boundObjectRef": ref}})
-        assert_status(reply, 404, "NotFound", 'nodes "n" not found', {"name": "n", "kind": "nodes"})
+        assert_not_found(reply, "nodes", "n")
 
         # 7 for nodes.
         ref = {"kind": "Node", "apiVersion": "v1", "name": NODE, "uid": "stale"}
@@ -637,13 +537,7 @@ async def test_400_namespace_mismatch(client: EmulatorClient) -> None:
 
 async def test_404_namespace_missing(client: EmulatorClient) -> None:
     reply = await client.create_token(MISSING_NS, SA)
-    assert_status(
-        reply,
-        404,
-        "NotFound",
-        'namespaces "ghost" not found',
-        {"name": "ghost", "kind": "namespaces"},
-    )
+    assert_not_found(reply, "namespaces", "ghost")
 
 
 async def test_400_undecodable_bodies(client: EmulatorClient) -> None:
@@ -765,13 +659,7 @@ async def test_rule_1_metadata_name(client: EmulatorClient) -> None:
 
 async def test_rule_2_service_account_missing(client: EmulatorClient) -> None:
     reply = await client.create_token(NS, "x")
-    assert_status(
-        reply,
-        404,
-        "NotFound",
-        'serviceaccounts "x" not found',
-        {"name": "x", "kind": "serviceaccounts"},
-    )
+    assert_not_found(reply, "serviceaccounts", "x")
 
 
 async def test_rule_1_precedes_rule_2(client: EmulatorClient) -> None:
@@ -814,7 +702,7 @@ async def test_rule_6a_pod_missing(client: EmulatorClient) -> None:
     reply = await client.create_token(
         NS, SA, {"spec": {"boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": "p"}}}
     )
-    assert_status(reply, 404, "NotFound", 'pods "p" not found', {"name": "p", "kind": "pods"})
+    assert_not_found(reply, "pods", "p")
 
 
 async def test_rule_6b_pod_of_another_service_account(client: EmulatorClient) -> None:
@@ -847,7 +735,7 @@ async def test_rule_6f_secret_missing(client: EmulatorClient) -> None:
     reply = await client.create_token(
         NS, SA, {"spec": {"boundObjectRef": {"kind": "Secret", "apiVersion": "v1", "name": "s"}}}
     )
-    assert_status(reply, 404, "NotFound", 'secrets "s" not found', {"name": "s", "kind": "secrets"})
+    assert_not_found(reply, "secrets", "s")
 
 
 @pytest.mark.parametrize(
@@ -873,7 +761,7 @@ async def test_rule_7_pod_deleted_then_recreated(emu: Emulator, client: Emulator
 
     emu.store.delete_pod(NS, POD)
     reply = await client.create_token(NS, SA, {"spec": {"boundObjectRef": ref}})
-    assert_status(reply, 404, "NotFound", f'pods "{POD}" not found', {"name": POD, "kind": "pods"})
+    assert_not_found(reply, "pods", POD)
 
     new_uid = emu.store.create_pod(NS, POD, service_account_name=SA, node_name=NODE)
     assert new_uid != old_uid

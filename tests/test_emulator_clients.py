@@ -9,16 +9,12 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from kubernetes.aio import client as kclient
-from kubernetes.aio import config as kconfig
-from kubernetes.aio.client.exceptions import ApiException
-from test_emulator import (
+from emulator_support import (
     ADMIN_TOKEN,
     BROKER_TOKEN,
     ISSUER,
@@ -28,10 +24,12 @@ from test_emulator import (
     SA,
     SEED,
     assert_status,
-    started,
     status_body,
     verify,
 )
+from kubernetes.aio import client as kclient
+from kubernetes.aio import config as kconfig
+from kubernetes.aio.client.exceptions import ApiException
 
 import broker
 from broker.emulator import Emulator, encode_envelope
@@ -39,19 +37,6 @@ from broker.emulator.client import EmulatorClient
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 
 REPO = Path(broker.__file__).resolve().parents[1]
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[Emulator]:
-    emulator = await started()
-    yield emulator
-    await emulator.stop()
-
-
-@pytest.fixture
-async def client(emu: Emulator) -> AsyncIterator[EmulatorClient]:
-    async with EmulatorClient(emu.url, emu.ca_file, BROKER_TOKEN) as c:
-        yield c
 
 
 def configuration(emu: Emulator, token: str = BROKER_TOKEN) -> Any:

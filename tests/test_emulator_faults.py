@@ -6,11 +6,10 @@ Behaviour only: no assertion on how long anything took.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from test_emulator import (
+from emulator_support import (
     ADMIN_TOKEN,
     ALICE_TOKEN,
     BROKER,
@@ -18,25 +17,11 @@ from test_emulator import (
     NS,
     SA,
     assert_status,
-    started,
     status_body,
 )
 
 from broker.emulator import Emulator, Faults
 from broker.emulator.client import EmulatorClient
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[Emulator]:
-    emulator = await started()
-    yield emulator
-    await emulator.stop()
-
-
-@pytest.fixture
-async def client(emu: Emulator) -> AsyncIterator[EmulatorClient]:
-    async with EmulatorClient(emu.url, emu.ca_file, BROKER_TOKEN) as c:
-        yield c
 
 
 async def test_429_is_apf_plain_text(emu: Emulator, client: EmulatorClient) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import json
 import ssl
 import warnings
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,7 @@ import aiohttp
 import pytest
 import yaml
 from cryptography import x509
-from test_emulator import (
-    ADMIN_TOKEN,
+from emulator_support import (
     ALICE_TOKEN,
     BROKER,
     BROKER_TOKEN,
@@ -25,8 +23,8 @@ from test_emulator import (
     SA,
     SECRET,
     SEED,
+    assert_not_found,
     assert_status,
-    started,
 )
 
 from broker.emulator import (
@@ -42,19 +40,6 @@ from broker.emulator import (
 from broker.emulator.client import EmulatorClient
 
 DEV_SEED = Path(__file__).resolve().parents[1] / "broker" / "emulator" / "dev-seed.yaml"
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[Emulator]:
-    emulator = await started()
-    yield emulator
-    await emulator.stop()
-
-
-@pytest.fixture
-async def admin(emu: Emulator) -> AsyncIterator[EmulatorClient]:
-    async with EmulatorClient(emu.url, emu.ca_file, ADMIN_TOKEN) as c:
-        yield c
 
 
 # --- seed ---------------------------------------------------------------------------------
@@ -209,7 +194,7 @@ async def test_rest_get_and_list(emu: Emulator, admin: EmulatorClient) -> None:
     assert sa["metadata"]["uid"] == emu.store.get_service_account(NS, SA).uid
 
     reply = await admin.request("GET", f"/api/v1/namespaces/{NS}/pods/none")
-    assert_status(reply, 404, "NotFound", 'pods "none" not found', {"name": "none", "kind": "pods"})
+    assert_not_found(reply, "pods", "none")
 
 
 async def test_rest_create_and_delete(emu: Emulator, admin: EmulatorClient) -> None:
@@ -281,13 +266,7 @@ async def test_rest_create_and_delete(emu: Emulator, admin: EmulatorClient) -> N
     reply = await admin.request(
         "POST", "/api/v1/namespaces/fresh/pods", json_body={"metadata": {"name": "p"}}
     )
-    assert_status(
-        reply,
-        404,
-        "NotFound",
-        'namespaces "fresh" not found',
-        {"name": "fresh", "kind": "namespaces"},
-    )
+    assert_not_found(reply, "namespaces", "fresh")
 
 
 async def test_rest_authorization(emu: Emulator) -> None:

@@ -13,13 +13,19 @@ import stat
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-import trustme
-from conftest import NAMESPACE, SERVICE_ACCOUNT, broker_settings, create_request
+from cli_support import Pki, issue
+from conftest import (
+    CALLER_KEY,
+    CALLER_METADATA,
+    NAMESPACE,
+    SERVICE_ACCOUNT,
+    broker_settings,
+    create_request,
+)
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -51,8 +57,17 @@ async def health(channel: aio.Channel, service: str = "") -> int:
 
 async def get_token(channel: aio.Channel) -> str:
     stub = pb_grpc.TokenBrokerServiceStub(channel)
-    response = await stub.CreateToken(create_request(), timeout=20)
+    response = await stub.CreateToken(create_request(), timeout=20, metadata=CALLER_METADATA)
     return str(response.token_request.status.token)
+
+
+async def call_in_flight(emulator: Emulator, channel: aio.Channel) -> asyncio.Future[str]:
+    """Start get_token and return it once the emulator holds the request (faults.latency)."""
+    call = asyncio.ensure_future(get_token(channel))
+    while emulator.in_flight == 0:
+        assert not call.done(), "the call ended before reaching the emulator"
+        await asyncio.sleep(0.01)
+    return call
 
 
 # --- lifecycle, health, reflection ------------------------------------------------------------
@@ -85,10 +100,7 @@ async def test_graceful_shutdown_reports_not_serving_and_finishes_in_flight_call
     async with aio.insecure_channel(running.address) as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
         assert (await watch.read()).status == SERVING
-        call = asyncio.ensure_future(get_token(channel))
-        while emulator.in_flight == 0:
-            assert not call.done(), "the call ended before reaching the emulator"
-            await asyncio.sleep(0.01)
+        call = await call_in_flight(emulator, channel)
 
         stopping = asyncio.ensure_future(running.stop(grace=30))
         # Watchers learn NOT_SERVING first (probes, load balancers)...
@@ -110,9 +122,7 @@ async def test_stop_without_grace_cancels_in_flight_calls(
 ) -> None:
     emulator.faults.latency = 30.0
     async with aio.insecure_channel(running.address) as channel:
-        call = asyncio.ensure_future(get_token(channel))
-        while emulator.in_flight == 0:
-            await asyncio.sleep(0.01)
+        call = await call_in_flight(emulator, channel)
         await running.stop(grace=0)
         with pytest.raises(aio.AioRpcError) as info:
             await call
@@ -152,8 +162,14 @@ async def test_grpcurl_list_and_describe_through_reflection(running: BrokerServe
 
 async def test_grpcurl_calls_create_token(running: BrokerServer) -> None:
     body = f'{{"namespace": "{NAMESPACE}", "service_account": "{SERVICE_ACCOUNT}"}}'
-    out = await grpcurl("-plaintext", "-d", body, running.address, f"{SERVICE_NAME}/CreateToken")
+    auth = f"authorization: Bearer {CALLER_KEY}"
+    out = await grpcurl(
+        "-plaintext", "-H", auth, "-d", body, running.address, f"{SERVICE_NAME}/CreateToken"
+    )
     assert '"token": "eyJ' in out
+    # Without the credential: refused, nothing minted.
+    with pytest.raises(AssertionError, match="Unauthenticated"):
+        await grpcurl("-plaintext", "-d", body, running.address, f"{SERVICE_NAME}/CreateToken")
 
 
 async def test_grpcurl_health_check(running: BrokerServer) -> None:
@@ -199,26 +215,6 @@ async def test_bad_kubeconfig_fails_the_start(tmp_path: Path) -> None:
 # --- TLS and mutual TLS --------------------------------------------------------------------------
 
 
-@dataclass
-class Pki:
-    ca: trustme.CA
-    cert: Path
-    key: Path
-    ca_file: Path
-
-
-def issue(tmp_path: Path, name: str, *identities: str) -> Pki:
-    ca = trustme.CA()
-    leaf = ca.issue_cert(*identities)
-    directory = tmp_path / name
-    directory.mkdir()
-    cert, key, ca_file = directory / "tls.crt", directory / "tls.key", directory / "ca.crt"
-    cert.write_bytes(b"".join(p.bytes() for p in leaf.cert_chain_pems))
-    key.write_bytes(leaf.private_key_pem.bytes())
-    ca.cert_pem.write_to_path(str(ca_file))
-    return Pki(ca, cert, key, ca_file)
-
-
 def client_credentials(server_ca: Pki, client: Pki | None = None) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
         root_certificates=server_ca.ca_file.read_bytes(),
@@ -231,7 +227,7 @@ async def test_tls_serves_tls_clients_and_refuses_plaintext(
     kubernetes_settings: KubernetesSettings, tmp_path: Path
 ) -> None:
     pki = issue(tmp_path, "server", "localhost", "127.0.0.1")
-    tls = {"cert_file": pki.cert, "key_file": pki.key}
+    tls = pki.server_tls()
     async with BrokerServer(broker_settings(kubernetes_settings, tls=tls)) as server:
         async with aio.secure_channel(server.address, client_credentials(pki)) as channel:
             assert await health(channel) == SERVING
@@ -246,7 +242,7 @@ async def test_tls_on_all_interfaces_is_allowed(
     kubernetes_settings: KubernetesSettings, tmp_path: Path
 ) -> None:
     pki = issue(tmp_path, "server", "localhost", "127.0.0.1")
-    tls = {"cert_file": pki.cert, "key_file": pki.key}
+    tls = pki.server_tls()
     settings = broker_settings(kubernetes_settings, listen="0.0.0.0:0", tls=tls)
     async with BrokerServer(settings) as server:
         port = server.address.rsplit(":", 1)[1]
@@ -260,11 +256,7 @@ async def test_mutual_tls_requires_a_client_cert_from_the_configured_ca(
     server_pki = issue(tmp_path, "server", "localhost", "127.0.0.1")
     client_pki = issue(tmp_path, "client", "client.example")
     other_pki = issue(tmp_path, "other", "client.example")
-    tls = {
-        "cert_file": server_pki.cert,
-        "key_file": server_pki.key,
-        "client_ca_file": client_pki.ca_file,
-    }
+    tls = server_pki.server_tls(client_ca=client_pki)
     async with BrokerServer(broker_settings(kubernetes_settings, tls=tls)) as server:
         good = client_credentials(server_pki, client_pki)
         async with aio.secure_channel(server.address, good) as channel:
@@ -282,11 +274,7 @@ async def test_plaintext_health_port_next_to_mutual_tls(
 ) -> None:
     server_pki = issue(tmp_path, "server", "localhost", "127.0.0.1")
     client_pki = issue(tmp_path, "client", "client.example")
-    tls = {
-        "cert_file": server_pki.cert,
-        "key_file": server_pki.key,
-        "client_ca_file": client_pki.ca_file,
-    }
+    tls = server_pki.server_tls(client_ca=client_pki)
     settings = broker_settings(kubernetes_settings, tls=tls, health_listen="127.0.0.1:0")
     server = BrokerServer(settings)
     await server.start()

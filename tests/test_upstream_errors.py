@@ -13,9 +13,12 @@ import grpc
 import pytest
 from conftest import (
     BROKER_TOKEN,
+    CALLER_KEY,
     NAMESPACE,
     SERVICE_ACCOUNT,
+    BearerCredential,
     RunningBroker,
+    broker_settings,
     call_error,
     create_request,
 )
@@ -25,7 +28,7 @@ from broker.emulator import Emulator
 from broker.errors import ERROR_DOMAIN, KUBERNETES_DOMAIN, BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
-from broker.service import TokenBrokerServicer
+from broker.server import BrokerServer
 from broker.upstream import UpstreamClient, kubernetes_reason, parse_warnings
 
 
@@ -33,6 +36,13 @@ def retry_seconds(status: object) -> float:
     info = status.retry_info  # type: ignore[attr-defined]
     assert info is not None, "expected RetryInfo"
     return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
+
+
+async def upstream_error(broker: RunningBroker, tr: pb.TokenRequest) -> BrokerError:
+    """The BrokerError UpstreamClient.create_token raises for `tr` in NAMESPACE/SERVICE_ACCOUNT."""
+    with pytest.raises(BrokerError) as info:
+        await broker.upstream.create_token(NAMESPACE, SERVICE_ACCOUNT, tr, timeout=10)
+    return info.value
 
 
 # --- retries ------------------------------------------------------------------------------
@@ -180,31 +190,19 @@ UNAUTHORIZED_MESSAGE = (
 )
 
 
-async def _broker_with_token(
-    emulator: Emulator, tmp_path: Path, settings: KubernetesSettings, token: str
-) -> tuple[UpstreamClient, grpc.aio.Server, str]:
-    path = tmp_path / "kubeconfig-other"
-    emulator.write_kubeconfig(path, user_token=token)
-    client = await UpstreamClient.from_settings(settings.model_copy(update={"kubeconfig": path}))
-    server = grpc.aio.server()
-    pb_grpc.add_TokenBrokerServiceServicer_to_server(TokenBrokerServicer(client), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return client, server, f"127.0.0.1:{port}"
-
-
 async def test_wrong_broker_token(
     emulator: Emulator, tmp_path: Path, kubernetes_settings: KubernetesSettings
 ) -> None:
-    client, server, address = await _broker_with_token(
-        emulator, tmp_path, kubernetes_settings, "not-a-known-token"
-    )
-    try:
-        async with grpc.aio.insecure_channel(address) as channel:
-            status = await call_error(pb_grpc.TokenBrokerServiceStub(channel), create_request())
-    finally:
-        await server.stop(None)
-        await client.close()
+    path = tmp_path / "kubeconfig-other"
+    emulator.write_kubeconfig(path, user_token="not-a-known-token")
+    kube = kubernetes_settings.model_copy(update={"kubeconfig": path})
+    async with (
+        BrokerServer(broker_settings(kube)) as server,
+        grpc.aio.insecure_channel(
+            server.address, interceptors=[BearerCredential(CALLER_KEY)]
+        ) as channel,
+    ):
+        status = await call_error(pb_grpc.TokenBrokerServiceStub(channel), create_request())
     assert status.code == grpc.StatusCode.UNAVAILABLE
     assert status.message == UNAUTHORIZED_MESSAGE
     assert status.error_info is not None
@@ -232,9 +230,7 @@ async def test_broker_user_removed(
 
 async def test_422_causes_become_field_violations(broker: RunningBroker) -> None:
     tr = pb.TokenRequest(spec=pb.TokenRequestSpec(expiration_seconds=60))
-    with pytest.raises(BrokerError) as info:
-        await broker.upstream.create_token(NAMESPACE, SERVICE_ACCOUNT, tr, timeout=10)
-    err = info.value
+    err = await upstream_error(broker, tr)
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
     assert err.message == (
         'TokenRequest.authentication.k8s.io "" is invalid: spec.expirationSeconds: '
@@ -255,9 +251,7 @@ async def test_422_causes_become_field_violations(broker: RunningBroker) -> None
 
 async def test_422_rule1_metadata_name(broker: RunningBroker) -> None:
     tr = pb.TokenRequest(metadata=pb.ObjectMeta(name="someone-else"))
-    with pytest.raises(BrokerError) as info:
-        await broker.upstream.create_token(NAMESPACE, SERVICE_ACCOUNT, tr, timeout=10)
-    err = info.value
+    err = await upstream_error(broker, tr)
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
     assert err.message == (
         f'TokenRequest.authentication.k8s.io "{SERVICE_ACCOUNT}" is invalid: metadata.name: '
@@ -268,9 +262,7 @@ async def test_422_rule1_metadata_name(broker: RunningBroker) -> None:
 
 async def test_400_namespace_mismatch(broker: RunningBroker) -> None:
     tr = pb.TokenRequest(metadata=pb.ObjectMeta(namespace="elsewhere"))
-    with pytest.raises(BrokerError) as info:
-        await broker.upstream.create_token(NAMESPACE, SERVICE_ACCOUNT, tr, timeout=10)
-    err = info.value
+    err = await upstream_error(broker, tr)
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
     assert err.message == (
         "the namespace of the provided object does not match the namespace sent on the request"

@@ -1,0 +1,299 @@
+"""Caller authentication: who is calling, proven by mTLS, an API key, a JWT or the unix socket.
+
+`Authenticator.authenticate(context)` returns an `Identity` or raises `BrokerError`
+UNAUTHENTICATED. Nothing is enabled by default, and with nothing enabled every call is refused.
+
+Precedence, when several methods could apply to one call:
+
+1. A bearer credential (`authorization: Bearer <value>` metadata), if present, decides alone:
+   it must verify, and a bad one fails the call even when the connection also has a valid
+   client certificate or comes over the unix socket (no silent fallback to a weaker or
+   different identity). A value with the JWT shape (three base64url segments, the first a
+   JSON header with `alg`) is verified as a JWT, anything else as an API key. Any other
+   `authorization` value (another scheme, several headers) is refused the same way.
+2. Else the verified client certificate (`authentication.mtls.enabled`): its URI SAN (a
+   SPIFFE ID such as spiffe://example.org/ci/runner), else its first DNS SAN, else its
+   subject CN (the first URI SAN if there are several). gRPC verified the chain against
+   `server.tls.clientCaFile` during the handshake, which is why this method requires that CA
+   and `requireClientCert: true` (without it grpcio does not even ask for a certificate).
+3. Else the fixed identity of the unix socket (`authentication.unixSocket.identity`), for
+   callers whose peer is `unix:` (who may connect is decided by the socket's file mode).
+4. Else UNAUTHENTICATED.
+
+Callers only ever see one of two generic messages with ErrorInfo reason CREDENTIALS_MISSING or
+CREDENTIALS_INVALID. Why a credential was refused goes to the operator log (logger
+`broker.authn`, warning, fields `auth_method` and `auth_failure`, plus issuer/kid/alg where
+relevant), never the credential itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final
+
+import grpc
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from grpc import aio
+
+from broker.authn_apikeys import ApiKeyStore, generate_api_key, hash_api_key
+from broker.authn_jwt import JwtRejected, JwtVerifier, looks_like_jwt
+from broker.config import AuthenticationSettings, ConfigError, ServerSettings
+from broker.errors import BrokerError
+from broker.identity import AuthMethod, Identity
+
+__all__ = [
+    "REASON_CREDENTIALS_INVALID",
+    "REASON_CREDENTIALS_MISSING",
+    "Authenticator",
+    "generate_api_key",
+    "hash_api_key",
+]
+
+logger = logging.getLogger("broker.authn")
+
+REASON_CREDENTIALS_MISSING: Final = "CREDENTIALS_MISSING"
+REASON_CREDENTIALS_INVALID: Final = "CREDENTIALS_INVALID"
+MESSAGE_MISSING: Final = "the request carries no credentials"
+MESSAGE_INVALID: Final = "the credentials could not be verified"
+# Far above any real JWT or key; gRPC's default metadata limit is 8 KiB anyway.
+MAX_BEARER_CHARS: Final = 16 * 1024
+
+Context = aio.ServicerContext[Any, Any]
+
+
+class _Refused(Exception):
+    """Internal: a presented credential did not verify (detail for the log only)."""
+
+    def __init__(self, method: str, detail: str, fields: Mapping[str, str] | None = None):
+        super().__init__(detail)
+        self.method = method
+        self.detail = detail
+        self.fields = dict(fields or {})
+
+
+class _Bearer:
+    """A bearer value; never shown in a repr, str or log."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "_Bearer(<redacted>)"
+
+    __str__ = __repr__
+
+
+class Authenticator:
+    """Authenticates calls with the configured methods. `await start()` before use (it loads
+    key files and fetches JWKS), `await close()` after; or `async with`."""
+
+    def __init__(
+        self,
+        settings: AuthenticationSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self._mtls = settings.mtls.enabled
+        self._unix_identity = settings.unix_socket.identity
+        self._api_keys: ApiKeyStore | None = None
+        self._jwt = JwtVerifier(settings.jwt, clock=clock) if settings.jwt.issuers else None
+        self._started = False
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: AuthenticationSettings,
+        server: ServerSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Authenticator:
+        """Check the methods against the server's listeners; ConfigError naming the key."""
+        if settings.mtls.enabled:
+            tls = server.tls
+            if tls is None or tls.client_ca_file is None or not tls.require_client_cert:
+                raise ConfigError(
+                    "authentication.mtls.enabled: needs server.tls.clientCaFile with "
+                    "server.tls.requireClientCert: true (only certificates gRPC verified "
+                    "identify callers)"
+                )
+        return cls(settings, clock=clock)
+
+    def __repr__(self) -> str:
+        return f"Authenticator(methods={list(self.methods)!r})"
+
+    @property
+    def methods(self) -> tuple[AuthMethod, ...]:
+        """The enabled methods, in precedence order (bearer methods first)."""
+        s = self.settings
+        enabled: list[AuthMethod] = []
+        if s.jwt.issuers:
+            enabled.append("jwt")
+        if s.api_keys.keys or s.api_keys.file is not None:
+            enabled.append("apiKey")
+        if s.mtls.enabled:
+            enabled.append("mtls")
+        if s.unix_socket.identity is not None:
+            enabled.append("unixSocket")
+        return tuple(enabled)
+
+    async def start(self) -> None:
+        """Load the API-key file and JWKS files (off the event loop) and fetch JWKS URLs.
+        A bad file is a ConfigError; an unreachable JWKS URL is only logged."""
+        if self._started:
+            return
+        if "apiKey" in self.methods:
+            self._api_keys = await ApiKeyStore.load(self.settings.api_keys)
+        if self._jwt is not None:
+            await self._jwt.start()
+        self._started = True
+        if not self.methods:
+            logger.warning("no authentication method is configured: every call is refused")
+
+    async def close(self) -> None:
+        if self._jwt is not None:
+            await self._jwt.close()
+
+    async def __aenter__(self) -> Authenticator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def authenticate(self, context: Context) -> Identity:
+        """The caller's identity, or BrokerError UNAUTHENTICATED."""
+        if not self._started:
+            raise RuntimeError("Authenticator.start() was not awaited")
+        try:
+            identity = await self._identify(context)
+        except _Refused as refused:
+            logger.warning(
+                "authentication failed: %s",
+                refused.detail,
+                extra={
+                    "auth_method": refused.method,
+                    "auth_failure": refused.detail,
+                    "peer": _peer(context),
+                    **refused.fields,
+                },
+            )
+            raise BrokerError(
+                code=grpc.StatusCode.UNAUTHENTICATED,
+                message=MESSAGE_INVALID,
+                reason=REASON_CREDENTIALS_INVALID,
+            ) from None
+        if identity is None:
+            logger.warning(
+                "authentication failed: no credentials",
+                extra={
+                    "auth_method": "none",
+                    "auth_failure": "no credentials"
+                    if self.methods
+                    else "no authentication method is configured",
+                    "peer": _peer(context),
+                },
+            )
+            raise BrokerError(
+                code=grpc.StatusCode.UNAUTHENTICATED,
+                message=MESSAGE_MISSING,
+                reason=REASON_CREDENTIALS_MISSING,
+            )
+        logger.debug("authenticated %s", identity, extra={"auth_method": identity.method})
+        return identity
+
+    async def _identify(self, context: Context) -> Identity | None:
+        bearer = _bearer(context)
+        if bearer is not None:
+            return await self._verify_bearer(bearer)
+        if self._mtls:
+            identity = _mtls_identity(context)
+            if identity is not None:
+                return identity
+        if self._unix_identity is not None and _peer(context).startswith("unix:"):
+            return Identity(method="unixSocket", name=self._unix_identity)
+        return None
+
+    async def _verify_bearer(self, bearer: _Bearer) -> Identity:
+        if looks_like_jwt(bearer.value):
+            if self._jwt is None:
+                raise _Refused("jwt", "JWT presented but no JWT issuer is configured")
+            try:
+                return await self._jwt.verify(bearer.value)
+            except JwtRejected as exc:
+                raise _Refused("jwt", exc.detail, exc.fields) from None
+        if self._api_keys is None:
+            raise _Refused("apiKey", "API key presented but API keys are not configured")
+        name = self._api_keys.lookup(bearer.value)
+        if name is None:
+            raise _Refused("apiKey", "unknown API key")
+        return Identity(method="apiKey", name=name)
+
+
+def _peer(context: Context) -> str:
+    try:
+        return context.peer() or ""
+    except Exception:  # a context without a transport (never in a real server)
+        return ""
+
+
+def _bearer(context: Context) -> _Bearer | None:
+    metadata: Iterable[tuple[str, str | bytes]] = context.invocation_metadata() or ()
+    values = [value for key, value in metadata if key.lower() == "authorization"]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise _Refused("bearer", "several authorization headers")
+    value = values[0]
+    if not isinstance(value, str):
+        raise _Refused("bearer", "authorization header is not text")
+    scheme, _, credential = value.strip().partition(" ")
+    credential = credential.strip()
+    if scheme.lower() != "bearer" or not credential:
+        raise _Refused("bearer", "authorization header is not 'Bearer <credential>'")
+    if len(credential) > MAX_BEARER_CHARS or any(c.isspace() for c in credential):
+        raise _Refused("bearer", "malformed bearer credential")
+    return _Bearer(credential)
+
+
+def _mtls_identity(context: Context) -> Identity | None:
+    auth: Mapping[str, Iterable[bytes]] = context.auth_context()
+    if list(auth.get("transport_security_type", ())) != [b"ssl"]:
+        return None
+    pems = list(auth.get("x509_pem_cert", ()))
+    if not pems:
+        return None
+    try:
+        name = certificate_identity(pems[0])
+    except ValueError:
+        raise _Refused("mtls", "client certificate could not be parsed") from None
+    if name is None:
+        raise _Refused("mtls", "client certificate has no URI SAN, DNS SAN or CN")
+    return Identity(method="mtls", name=name)
+
+
+@functools.lru_cache(maxsize=256)
+def certificate_identity(pem: bytes) -> str | None:
+    """URI SAN, else first DNS SAN, else subject CN of a PEM certificate (None: no name)."""
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = None
+    if san is not None:
+        for kind in (x509.UniformResourceIdentifier, x509.DNSName):
+            values = san.get_values_for_type(kind)
+            if values:
+                return values[0]
+    for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
+        value = attr.value
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        if text:
+            return text
+    return None

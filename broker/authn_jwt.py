@@ -1,0 +1,404 @@
+"""OIDC/JWT bearer tokens from external issuers, verified with the issuers' public keys.
+
+The issuer is chosen by the token's unverified `iss` (exact match), then everything is
+verified with that issuer's settings: the algorithm (its allow-list only: never `none`, never
+HS*), the signature with the key named by `kid`, and `exp`, `iat`, `iss`, `aud` (required),
+`nbf` (when present), with `clockSkewSeconds` of leeway. The key is built for the token's
+algorithm from the JWK and must match the JWK's own `alg` when it declares one, so a public
+key is never used as an HMAC secret. Keys named or embedded in the token's header (`jku`,
+`x5u`, `jwk`, `x5c`) are ignored: only the configured key set counts.
+
+Keys come from a JWKS file (read at start) or a JWKS URL (fetched at start, cached):
+- after `jwksCacheSeconds` the next request that uses the keys triggers a refetch in the
+  background and is itself verified with the cached keys (stale-while-revalidate);
+- a `kid` not in the cache triggers a refetch on the request path, at most once per
+  `jwksMinRefreshSeconds` per issuer (concurrent misses share one fetch);
+- a failed fetch keeps the last good keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import aiohttp
+import jwt
+
+from broker.config import ConfigError, JwtAuthSettings, JwtIssuerSettings
+from broker.identity import Identity
+
+logger = logging.getLogger("broker.authn")
+
+MAX_JWKS_BYTES = 1024 * 1024
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
+_REGISTERED = ("exp", "iat", "iss", "aud")
+
+
+class JwtRejected(Exception):
+    """A token that does not verify. `detail` and `fields` are for the operator log: they never
+    hold the token (an issuer, kid or subject at most)."""
+
+    def __init__(self, detail: str, **fields: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.fields = fields
+
+
+def _b64_json(segment: str) -> Any:
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        return json.loads(raw)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _split(value: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(header, unverified payload) of a compact JWS, or None if `value` is not one."""
+    parts = value.split(".")
+    if len(parts) != 3 or not parts[0] or not all(_SEGMENT.fullmatch(p) for p in parts):
+        return None
+    header = _b64_json(parts[0])
+    if not isinstance(header, dict) or not isinstance(header.get("alg"), str):
+        return None
+    payload = _b64_json(parts[1])
+    return header, payload if isinstance(payload, dict) else {}
+
+
+def looks_like_jwt(value: str) -> bool:
+    """Three base64url segments whose first decodes to a JSON object with an `alg`."""
+    return _split(value) is not None
+
+
+def _short(value: object, limit: int = 120) -> str:
+    """An attacker-chosen header/claim value, bounded for the log."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+class KeySet:
+    """Public signing keys of one issuer, from a JWKS document."""
+
+    def __init__(self, jwks: Sequence[Mapping[str, Any]]) -> None:
+        self._jwks = tuple(jwks)
+        self._built: dict[tuple[str | None, str], jwt.PyJWK | None] = {}
+
+    @classmethod
+    def parse(cls, data: object) -> KeySet:
+        """Usable signature keys of a JWKS (`{"keys": [...]}`); ValueError if there are none.
+
+        Symmetric (`oct`) keys, encryption keys and private key material are ignored.
+        """
+        if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
+            raise ValueError('not a JWKS (a JSON object with a "keys" list)')
+        usable = []
+        for jwk in data["keys"]:
+            if not isinstance(jwk, dict) or jwk.get("kty") not in ("RSA", "EC", "OKP"):
+                continue
+            if jwk.get("use", "sig") != "sig" or "d" in jwk:
+                continue
+            try:
+                jwt.PyJWK(jwk)
+            except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError):
+                continue
+            usable.append(jwk)
+        if not usable:
+            raise ValueError("the JWKS holds no usable public signature key")
+        return cls(usable)
+
+    def __len__(self) -> int:
+        return len(self._jwks)
+
+    def has_kid(self, kid: str | None) -> bool:
+        if kid is None:
+            return len(self._jwks) == 1
+        return any(jwk.get("kid") == kid for jwk in self._jwks)
+
+    def key_for(self, kid: str | None, alg: str) -> jwt.PyJWK | None:
+        """The key for a token's `kid` and `alg` (no `kid`: the only key of a one-key set)."""
+        if not self.has_kid(kid):
+            return None  # not cached: the cache holds only the set's kids (callers' alg-checked)
+        if (kid, alg) not in self._built:
+            self._built[(kid, alg)] = self._build(kid, alg)
+        return self._built[(kid, alg)]
+
+    def _build(self, kid: str | None, alg: str) -> jwt.PyJWK | None:
+        if kid is None:
+            candidates = list(self._jwks) if len(self._jwks) == 1 else []
+        else:
+            candidates = [jwk for jwk in self._jwks if jwk.get("kid") == kid]
+        for jwk in candidates:
+            if jwk.get("alg", alg) != alg:
+                continue
+            try:
+                return jwt.PyJWK(dict(jwk), algorithm=alg)
+            except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError, KeyError):
+                continue  # key type does not fit the algorithm (e.g. an EC key for RS256)
+        return None
+
+
+def read_jwks_file(path: Path, key: str) -> KeySet:
+    """Read a JWKS file (blocking); ConfigError naming the setting."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    try:
+        return KeySet.parse(json.loads(text))
+    except ValueError as exc:  # json.JSONDecodeError too
+        reason = str(exc) if not isinstance(exc, json.JSONDecodeError) else "not JSON"
+        raise ConfigError(f"{key}: {path}: {reason}") from None
+
+
+class JwksUrlCache:
+    """The key set behind a JWKS URL: cached, refreshed in the background when stale,
+    refetched (rate limited) on an unknown kid; a failed fetch keeps the last good keys."""
+
+    def __init__(
+        self,
+        settings: JwtIssuerSettings,
+        session: aiohttp.ClientSession,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        assert settings.jwks_url is not None
+        self._url = settings.jwks_url
+        self._issuer = settings.issuer
+        self._ttl = settings.jwks_cache_seconds
+        self._min_interval = settings.jwks_min_refresh_seconds
+        self._timeout = aiohttp.ClientTimeout(total=settings.jwks_fetch_timeout_seconds)
+        self._session = session
+        self._clock = clock
+        self._keys: KeySet | None = None
+        self._fetched_at: float | None = None
+        self._attempted_at: float | None = None
+        self._fetches_done = 0
+        self._lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return f"JwksUrlCache({self._url!r}, keys={len(self._keys) if self._keys else 0})"
+
+    async def start(self) -> None:
+        # An unreachable issuer at start is not fatal: requests retry (rate limited).
+        await self.refresh()
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def key_for(self, kid: str | None, alg: str) -> jwt.PyJWK | None:
+        if self._keys is None or not self._keys.has_kid(kid):
+            await self.refresh()  # rate limited; concurrent misses share one fetch
+        elif self._fetched_at is None or self._clock() - self._fetched_at >= self._ttl:
+            self._refresh_in_background()
+        return self._keys.key_for(kid, alg) if self._keys is not None else None
+
+    def _may_fetch(self) -> bool:
+        return self._attempted_at is None or (
+            self._clock() - self._attempted_at >= self._min_interval
+        )
+
+    def _refresh_in_background(self) -> None:
+        if self._background or not self._may_fetch():
+            return
+        task = asyncio.create_task(self.refresh())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def refresh(self) -> None:
+        """Fetch the keys unless a fetch was attempted within the min-refresh interval or
+        finished while this call waited for the one in progress."""
+        fetches_done = self._fetches_done
+        async with self._lock:
+            if self._fetches_done != fetches_done or not self._may_fetch():
+                return
+            self._attempted_at = self._clock()
+            try:
+                keys = await self._fetch()
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                logger.warning(
+                    "JWKS fetch failed; keeping the last good keys",
+                    extra={
+                        "auth_method": "jwt",
+                        "issuer": self._issuer,
+                        "jwks_url": self._url,
+                        "error": _short(f"{type(exc).__name__}: {exc}", 300),
+                    },
+                )
+                return
+            finally:
+                self._fetches_done += 1
+            self._keys = keys
+            self._fetched_at = self._clock()
+            logger.info(
+                "JWKS fetched",
+                extra={"issuer": self._issuer, "jwks_url": self._url, "keys": len(keys)},
+            )
+
+    async def _fetch(self) -> KeySet:
+        async with self._session.get(
+            self._url, timeout=self._timeout, allow_redirects=False
+        ) as resp:
+            if resp.status != 200:
+                raise ValueError(f"HTTP status {resp.status}")
+            body = bytearray()
+            async for chunk in resp.content.iter_chunked(64 * 1024):
+                body += chunk
+                if len(body) > MAX_JWKS_BYTES:
+                    raise ValueError("JWKS larger than 1 MiB")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError("JWKS is not JSON") from None
+        return KeySet.parse(data)
+
+
+class _FileKeys:
+    def __init__(self, keys: KeySet) -> None:
+        self._keys = keys
+
+    async def key_for(self, kid: str | None, alg: str) -> jwt.PyJWK | None:
+        return self._keys.key_for(kid, alg)
+
+
+class IssuerVerifier:
+    """Verifies tokens of one configured issuer."""
+
+    def __init__(self, settings: JwtIssuerSettings, keys: JwksUrlCache | _FileKeys) -> None:
+        self.settings = settings
+        self.keys = keys
+        self._require = list(dict.fromkeys((*_REGISTERED, settings.identity_claim)))
+
+    async def verify(self, token: str, header: Mapping[str, Any]) -> Identity:
+        s = self.settings
+        alg = header.get("alg")
+        if alg not in s.algorithms:
+            raise JwtRejected("algorithm not allowed", issuer=s.issuer, alg=_short(alg, 20))
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise JwtRejected("kid is not a string", issuer=s.issuer)
+        key = await self.keys.key_for(kid, alg)
+        if key is None:
+            raise JwtRejected(
+                "no key for the token's kid and alg", issuer=s.issuer, kid=_short(kid), alg=alg
+            )
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=list(s.audiences),
+                issuer=s.issuer,
+                leeway=s.clock_skew_seconds,
+                options={
+                    "require": self._require,
+                    "verify_signature": True,
+                    "verify_exp": True,
+                    "verify_nbf": True,
+                    "verify_iat": True,
+                    "verify_aud": True,
+                    "verify_iss": True,
+                    "enforce_minimum_key_length": True,
+                },
+            )
+        except jwt.PyJWTError as exc:
+            # The exception text is PyJWT's, never the token; still, log only our wording.
+            raise JwtRejected(_describe(exc), issuer=s.issuer, kid=_short(kid)) from None
+        name = claims.get(s.identity_claim)
+        if not isinstance(name, str) or not name:
+            raise JwtRejected(
+                f"identity claim {s.identity_claim!r} is not a non-empty string", issuer=s.issuer
+            )
+        return Identity(method="jwt", name=name, issuer=s.issuer, claims=_freeze(claims))
+
+
+def _describe(exc: jwt.PyJWTError) -> str:
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return "token expired"
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        return "token not yet valid (nbf or iat in the future)"
+    if isinstance(exc, jwt.InvalidAudienceError):
+        return "audience not accepted"
+    if isinstance(exc, jwt.InvalidIssuerError):
+        return "issuer mismatch"
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return f"missing required claim {_short(exc.claim, 40)!r}"
+    if isinstance(exc, jwt.InvalidSignatureError):
+        return "signature verification failed"
+    if isinstance(exc, jwt.InvalidAlgorithmError):
+        return "algorithm not allowed for the key"
+    if isinstance(exc, jwt.InvalidKeyError):
+        return "key rejected (too short?)"
+    return f"invalid token ({type(exc).__name__})"
+
+
+class JwtVerifier:
+    """All configured issuers; `start()` loads JWKS files and does the first URL fetches."""
+
+    def __init__(
+        self, settings: JwtAuthSettings, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._issuers: dict[str, IssuerVerifier] = {}
+        self._caches: list[JwksUrlCache] = []
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        return f"JwtVerifier(issuers={[i.issuer for i in self._settings.issuers]!r})"
+
+    async def start(self) -> None:
+        try:
+            for index, issuer in enumerate(self._settings.issuers):
+                keys: JwksUrlCache | _FileKeys
+                if issuer.jwks_file is not None:
+                    key = f"authentication.jwt.issuers[{index}].jwksFile"
+                    keys = _FileKeys(await asyncio.to_thread(read_jwks_file, issuer.jwks_file, key))
+                else:
+                    if self._session is None:
+                        self._session = aiohttp.ClientSession()
+                    keys = JwksUrlCache(issuer, self._session, self._clock)
+                    self._caches.append(keys)
+                self._issuers[issuer.issuer] = IssuerVerifier(issuer, keys)
+            await asyncio.gather(*(cache.start() for cache in self._caches))
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        for cache in self._caches:
+            await cache.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def verify(self, token: str) -> Identity:
+        split = _split(token)
+        if split is None:
+            raise JwtRejected("malformed token")
+        header, unverified = split
+        iss = unverified.get("iss")
+        if not isinstance(iss, str):
+            raise JwtRejected("token has no iss claim")
+        issuer = self._issuers.get(iss)
+        if issuer is None:
+            raise JwtRejected("issuer not configured", issuer=_short(iss))
+        return await issuer.verify(token, header)

@@ -1,0 +1,351 @@
+"""Who may get which tokens: a default-deny, first-match policy read from a YAML file.
+
+```yaml
+rules:
+  - name: ci-deploys                 # unique; named in audit lines and in denials it decides
+    subjects:                        # at least one; the caller must match one of them
+      - {method: mtls, name: "spiffe://example.org/ci/*"}
+      - method: jwt                  # mtls | apiKey | jwt | unixSocket
+        issuer: https://token.actions.githubusercontent.com   # exact; required for jwt
+        name: "repo:example/app:*"
+        claims: {repository_owner: example, ref: ["refs/heads/main", "refs/tags/*"]}
+    namespaces: [ci, "team-*"]
+    serviceAccounts: [deployer]
+    audiences: [vault]               # allowlist (exact); default: none
+    defaultAudiences: [vault]        # when the request names none; each in `audiences`
+    allowApiServerAudience: false    # allow an audience-less token (the API server's own)
+    defaultExpiration: 10m           # Go durations (10m, 1h, 90s) or integer seconds
+    maxExpiration: 1h                # >= 10m; default 1h
+    onLongerExpiration: cap          # cap (shorten, with a warning; default) | reject
+    boundObject: {required: true, kinds: [Pod]}   # default: not required, any kind
+    allowDryRun: false               # default false
+```
+
+Semantics, firewall style:
+
+- Rules are evaluated in file order. A rule *matches* when one of its subjects matches the
+  caller's `Identity` and the request's namespace and service account each match one of its
+  globs. The FIRST matching rule decides, allowing or denying; later rules are not consulted.
+  No matching rule: denied, NO_MATCHING_RULE. An empty `rules: []` denies everything.
+- Globs are `fnmatch.fnmatchcase` (case-sensitive; `*` also matches `/`). A subject matches
+  when the method is equal, the name matches its glob, and for jwt the issuer is equal and
+  every listed claim matches: a string claim must match one of the globs; a list claim
+  must have an element matching one; other claim types and missing claims never match.
+  Claim names are top-level claims.
+- The deciding rule then checks, in this order, denying with the first that fails:
+  DRY_RUN_NOT_ALLOWED, BOUND_OBJECT_REQUIRED, BOUND_KIND_NOT_ALLOWED, AUDIENCE_REQUIRED
+  (no requested audiences, no defaultAudiences, and allowApiServerAudience not set: a token
+  for the API server's own audience is never handed out silently), AUDIENCE_NOT_ALLOWED
+  (every requested audience must be in `audiences`), EXPIRATION_TOO_LONG (reject only).
+- Grant: the requested audiences, else defaultAudiences (which win over
+  allowApiServerAudience). The requested expiration, else defaultExpiration, else none (the
+  API server's default, 3600s, which counts as 3600 against maxExpiration). Longer than
+  maxExpiration: `cap` grants maxExpiration with the API server's warning
+  `requested expiration of X seconds shortened to Y seconds` (X is 3600 when the request
+  named none); `reject` denies.
+
+Denial messages are safe for the caller: they say which constraint failed, never what other
+rules or the audience allowlist contain. `explain` (for the CLI's operators) tells all.
+`decide` expects a request that passed `broker.validation.validate_create_token`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+
+from broker.errors import BrokerError
+from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
+from broker.identity import Identity
+from broker.policy_schema import (
+    SERVER_DEFAULT_EXPIRATION_SECONDS,
+    PolicyDocument,
+    PolicyError,
+    Rule,
+    Subject,
+    parse_document,
+)
+from broker.validation import go_quote
+
+# The permissive policy of `serve --dev`. Never for production.
+DEV_POLICY_FILE = Path(__file__).parent / "dev-policy.yaml"
+
+ALLOWED = "ALLOWED"
+NO_MATCHING_RULE = "NO_MATCHING_RULE"
+DRY_RUN_NOT_ALLOWED = "DRY_RUN_NOT_ALLOWED"
+BOUND_OBJECT_REQUIRED = "BOUND_OBJECT_REQUIRED"
+BOUND_KIND_NOT_ALLOWED = "BOUND_KIND_NOT_ALLOWED"
+AUDIENCE_REQUIRED = "AUDIENCE_REQUIRED"
+AUDIENCE_NOT_ALLOWED = "AUDIENCE_NOT_ALLOWED"
+EXPIRATION_TOO_LONG = "EXPIRATION_TOO_LONG"
+DENY_REASONS = (
+    NO_MATCHING_RULE,
+    DRY_RUN_NOT_ALLOWED,
+    BOUND_OBJECT_REQUIRED,
+    BOUND_KIND_NOT_ALLOWED,
+    AUDIENCE_REQUIRED,
+    AUDIENCE_NOT_ALLOWED,
+    EXPIRATION_TOO_LONG,
+)
+
+__all__ = ["DEV_POLICY_FILE", "Decision", "Explanation", "Policy", "PolicyError", "RuleExplanation"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome for one request; when allowed, the effective grant."""
+
+    allowed: bool
+    reason: str
+    # Safe to show the caller.
+    message: str
+    # The deciding rule; None when no rule matched.
+    rule: str | None = None
+    audiences: tuple[str, ...] = ()
+    # None: the request names none and neither does the rule (the API server's default).
+    expiration_seconds: int | None = None
+    warnings: tuple[str, ...] = ()
+
+    def effective_request(self, request: pb.CreateTokenRequest) -> pb.CreateTokenRequest:
+        """A copy of the request with the granted audiences and expiration filled in."""
+        if not self.allowed:
+            raise ValueError(f"the request was denied ({self.reason})")
+        out = pb.CreateTokenRequest()
+        out.CopyFrom(request)
+        spec = out.token_request.spec
+        spec.ClearField("audiences")
+        spec.audiences.extend(self.audiences)
+        if self.expiration_seconds is None:
+            spec.ClearField("expiration_seconds")
+        else:
+            spec.expiration_seconds = self.expiration_seconds
+        return out
+
+    def error(self) -> BrokerError:
+        """PERMISSION_DENIED with ErrorInfo.reason = the reason (and `rule` if one matched)."""
+        if self.allowed:
+            raise ValueError("the request was allowed")
+        return BrokerError(
+            code=grpc.StatusCode.PERMISSION_DENIED,
+            message=self.message,
+            reason=self.reason,
+            metadata={"rule": self.rule} if self.rule is not None else {},
+        )
+
+
+@dataclass(frozen=True)
+class RuleExplanation:
+    index: int
+    name: str
+    # Subjects, namespaces and service accounts all match.
+    matched: bool
+    # This rule decided (the first that matched).
+    deciding: bool
+    # Why it does not match (empty when it matches).
+    mismatches: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The decision and, for every rule, whether and why (not) it matched. Operators only."""
+
+    decision: Decision
+    rules: tuple[RuleExplanation, ...] = ()
+
+
+class Policy:
+    """A validated policy; immutable. `decide` is pure."""
+
+    def __init__(self, document: PolicyDocument, source: str = "<policy>") -> None:
+        self.rules: tuple[Rule, ...] = document.rules
+        self.source = source
+
+    @classmethod
+    def from_dict(cls, data: object, source: str = "<policy>") -> Policy:
+        return cls(parse_document(data, source), source)
+
+    @classmethod
+    def from_yaml(cls, text: str | bytes, source: str = "<policy>") -> Policy:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise PolicyError(f"policy {source} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise PolicyError(f"invalid policy {source}: top level must be a mapping with rules")
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def load(cls, path: Path) -> Policy:
+        """Read and validate a policy file (blocking: call off the event loop)."""
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise PolicyError(f"cannot read policy file {path}: {exc.strerror}") from None
+        return cls.from_yaml(raw, str(path))
+
+    def __repr__(self) -> str:
+        return f"Policy({self.source!r}, {len(self.rules)} rules)"
+
+    def decide(self, identity: Identity, request: pb.CreateTokenRequest) -> Decision:
+        for rule in self.rules:
+            if _rule_matches(rule, identity, request):
+                return _decide_with(rule, request)
+        return Decision(
+            allowed=False,
+            reason=NO_MATCHING_RULE,
+            message=(
+                f"no policy rule allows {go_quote(str(identity))} to request tokens for "
+                f"service account {go_quote(request.service_account)} in namespace "
+                f"{go_quote(request.namespace)}"
+            ),
+        )
+
+    def explain(self, identity: Identity, request: pb.CreateTokenRequest) -> Explanation:
+        decision = self.decide(identity, request)
+        out = []
+        for i, rule in enumerate(self.rules):
+            mismatches = tuple(_mismatches(rule, identity, request))
+            out.append(
+                RuleExplanation(
+                    index=i,
+                    name=rule.name,
+                    matched=not mismatches,
+                    deciding=rule.name == decision.rule,
+                    mismatches=mismatches,
+                )
+            )
+        return Explanation(decision=decision, rules=tuple(out))
+
+
+# --- matching -----------------------------------------------------------------------------
+
+
+def _any_glob(value: str, globs: Iterable[str]) -> bool:
+    return any(fnmatchcase(value, g) for g in globs)
+
+
+def _claim_matches(value: Any, globs: Sequence[str]) -> bool:
+    if isinstance(value, str):
+        return _any_glob(value, globs)
+    if isinstance(value, list | tuple):
+        return any(isinstance(v, str) and _any_glob(v, globs) for v in value)
+    return False
+
+
+def _subject_mismatch(subject: Subject, identity: Identity) -> str | None:
+    """Why the subject does not match the identity; None when it does."""
+    if subject.method != identity.method:
+        return f"method is {identity.method}, not {subject.method}"
+    if subject.issuer is not None and identity.issuer != subject.issuer:
+        return f"issuer {identity.issuer!r} is not {subject.issuer!r}"
+    if not fnmatchcase(identity.name, subject.name):
+        return f"name {identity.name!r} does not match {subject.name!r}"
+    claims: Mapping[str, Any] = identity.claims
+    for claim, globs in subject.claims.items():
+        if claim not in claims:
+            return f"claim {claim!r} is missing"
+        if not _claim_matches(claims[claim], globs):
+            return f"claim {claim!r} ({claims[claim]!r}) does not match {list(globs)!r}"
+    return None
+
+
+def _rule_matches(rule: Rule, identity: Identity, request: pb.CreateTokenRequest) -> bool:
+    return (
+        _any_glob(request.namespace, rule.namespaces)
+        and _any_glob(request.service_account, rule.service_accounts)
+        and any(_subject_mismatch(s, identity) is None for s in rule.subjects)
+    )
+
+
+def _mismatches(rule: Rule, identity: Identity, request: pb.CreateTokenRequest) -> list[str]:
+    out = []
+    subjects = [_subject_mismatch(s, identity) for s in rule.subjects]
+    if None not in subjects:
+        details = "; ".join(f"subjects[{i}]: {why}" for i, why in enumerate(subjects))
+        out.append(f"no subject matches {identity} ({details})")
+    if not _any_glob(request.namespace, rule.namespaces):
+        out.append(f"namespace {request.namespace!r} does not match {list(rule.namespaces)!r}")
+    if not _any_glob(request.service_account, rule.service_accounts):
+        out.append(
+            f"service account {request.service_account!r} does not match "
+            f"{list(rule.service_accounts)!r}"
+        )
+    return out
+
+
+# --- the deciding rule ----------------------------------------------------------------------
+
+
+def _decide_with(rule: Rule, request: pb.CreateTokenRequest) -> Decision:
+    def deny(reason: str, message: str) -> Decision:
+        return Decision(allowed=False, reason=reason, message=message, rule=rule.name)
+
+    spec = request.token_request.spec
+    if request.dry_run and not rule.allow_dry_run:
+        return deny(
+            DRY_RUN_NOT_ALLOWED, "dry-run requests are not allowed for this service account"
+        )
+
+    bound = rule.bound_object
+    kinds = ", ".join(bound.kinds)
+    if not spec.HasField("bound_object_ref"):
+        if bound.required:
+            return deny(
+                BOUND_OBJECT_REQUIRED,
+                "tokens for this service account must be bound to an object "
+                f"(token_request.spec.bound_object_ref, kind {kinds})",
+            )
+    elif spec.bound_object_ref.kind not in bound.kinds:
+        return deny(
+            BOUND_KIND_NOT_ALLOWED,
+            f"tokens for this service account may not be bound to a "
+            f"{go_quote(spec.bound_object_ref.kind)} (allowed kinds: {kinds})",
+        )
+
+    audiences = tuple(spec.audiences) or rule.default_audiences
+    if not audiences and not rule.allow_api_server_audience:
+        return deny(
+            AUDIENCE_REQUIRED,
+            "an audience is required: tokens for this service account are not issued for the "
+            "API server's own audience; set token_request.spec.audiences",
+        )
+    denied = [a for a in spec.audiences if a not in rule.audiences]
+    if denied:
+        more = f" (and {len(denied) - 1} more)" if len(denied) > 1 else ""
+        return deny(
+            AUDIENCE_NOT_ALLOWED,
+            f"audience {go_quote(denied[0])} is not allowed for this service account{more}",
+        )
+
+    requested = spec.expiration_seconds if spec.HasField("expiration_seconds") else None
+    expiration = requested if requested is not None else rule.default_expiration
+    effective = expiration if expiration is not None else SERVER_DEFAULT_EXPIRATION_SECONDS
+    warnings: tuple[str, ...] = ()
+    if effective > rule.max_expiration:
+        if rule.on_longer_expiration == "reject":
+            what = "requested expiration" if requested is not None else "default expiration"
+            return deny(
+                EXPIRATION_TOO_LONG,
+                f"{what} of {effective} seconds is longer than the maximum of "
+                f"{rule.max_expiration} seconds for this service account",
+            )
+        expiration = rule.max_expiration
+        warnings = (
+            f"requested expiration of {effective} seconds shortened to "
+            f"{rule.max_expiration} seconds",
+        )
+    return Decision(
+        allowed=True,
+        reason=ALLOWED,
+        message=f"allowed by rule {rule.name}",
+        rule=rule.name,
+        audiences=audiences,
+        expiration_seconds=expiration,
+        warnings=warnings,
+    )

@@ -28,6 +28,7 @@ relevant), never the credential itself.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -48,6 +49,7 @@ from broker.identity import AuthMethod, Identity
 __all__ = [
     "REASON_CREDENTIALS_INVALID",
     "REASON_CREDENTIALS_MISSING",
+    "AuthenticationFailed",
     "Authenticator",
     "generate_api_key",
     "hash_api_key",
@@ -63,6 +65,15 @@ MESSAGE_INVALID: Final = "the credentials could not be verified"
 MAX_BEARER_CHARS: Final = 16 * 1024
 
 Context = aio.ServicerContext[Any, Any]
+
+
+@dataclasses.dataclass
+class AuthenticationFailed(BrokerError):
+    """UNAUTHENTICATED, and which kind of credential failed (for operators' metrics; the
+    caller's status carries no hint of it): jwt, apiKey, bearer (a malformed authorization
+    header), mtls, or none (no credentials at all)."""
+
+    method: str = "none"
 
 
 class _Refused(Exception):
@@ -184,10 +195,11 @@ class Authenticator:
                     **refused.fields,
                 },
             )
-            raise BrokerError(
+            raise AuthenticationFailed(
                 code=grpc.StatusCode.UNAUTHENTICATED,
                 message=MESSAGE_INVALID,
                 reason=REASON_CREDENTIALS_INVALID,
+                method=refused.method,
             ) from None
         if identity is None:
             logger.warning(
@@ -200,10 +212,11 @@ class Authenticator:
                     "peer": _peer(context),
                 },
             )
-            raise BrokerError(
+            raise AuthenticationFailed(
                 code=grpc.StatusCode.UNAUTHENTICATED,
                 message=MESSAGE_MISSING,
                 reason=REASON_CREDENTIALS_MISSING,
+                method="none",
             )
         logger.debug("authenticated %s", identity, extra={"auth_method": identity.method})
         return identity

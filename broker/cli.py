@@ -93,6 +93,11 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument(
         "--health-listen", metavar="HOST:PORT", help="plaintext health-only listener (probes)"
     )
+    serve.add_argument(
+        "--admin-listen",
+        metavar="HOST:PORT",
+        help="admin HTTP listener: /metrics, /healthz, /readyz (127.0.0.1:9090; '' turns it off)",
+    )
     serve.add_argument("--tls-cert", type=Path, metavar="FILE", help="server certificate (PEM)")
     serve.add_argument("--tls-key", type=Path, metavar="FILE", help="server private key (PEM)")
     serve.add_argument(
@@ -203,6 +208,8 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     elif args.dev:
         log["format"] = "text"  # dev mode is read by people, not collectors
     out: dict[str, Any] = {}
+    if args.admin_listen is not None:
+        out["admin"] = {"listen": args.admin_listen or None}
     for key, value in (("server", server), ("kubernetes", kubernetes), ("log", log)):
         if value:
             out[key] = value

@@ -160,6 +160,51 @@ class AuditSettings(_Section):
         return self
 
 
+class AdminSettings(_Section):
+    """The plaintext admin HTTP listener: /metrics, /healthz, /readyz. No tokens are served
+    there, so any address is allowed (a pod sets 0.0.0.0:9090)."""
+
+    # host:port (IPv6 as [::1]:9090); None disables the listener.
+    listen: str | None = "127.0.0.1:9090"
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _disabled(cls, value: object) -> object:
+        # The environment cannot say null: TOKEN_BROKER_ADMIN__LISTEN="" or "null" does.
+        if isinstance(value, str) and value.strip().lower() in ("", "null"):
+            return None
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                split_host_port(value, "admin.listen")
+            except ConfigError:
+                raise ValueError(f"{value!r} is not host:port") from None
+        return value
+
+
+class MetricsSettings(_Section):
+    """What the Prometheus metrics may reveal."""
+
+    # Add a `caller` label (the authenticated identity) to the token and policy-decision
+    # counters. Off by default: identities are operator-bounded but can be many.
+    caller_labels: bool = False
+    # With callerLabels: distinct callers labelled by name; later ones share `caller="other"`.
+    caller_label_limit: int = Field(default=100, ge=1, le=10_000)
+
+
+class ReadinessSettings(_Section):
+    """When the broker is ready: the policy is loaded and the Kubernetes API is reachable."""
+
+    # How often an idle broker checks the API server (GET /readyz).
+    probe_interval_seconds: float = Field(default=10.0, gt=0)
+    # Not ready once the API server has been unreachable (no answer, or a 5xx) this long.
+    unreachable_after_seconds: float = Field(default=30.0, gt=0)
+
+
 # --- authentication -----------------------------------------------------------------------
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -297,6 +342,110 @@ class AuthenticationSettings(_Section):
     unix_socket: UnixSocketAuthSettings = UnixSocketAuthSettings()
 
 
+class CacheSettings(_Section):
+    """The in-memory token cache (broker.cache): one token per caller and token shape.
+
+    Tokens are served while younger than 80% of their lifetime and `maxAgeSeconds` (kubelet's
+    rule), then refreshed. Tokens live only in this process's memory.
+    """
+
+    enabled: bool = True
+    # LRU bound on cached tokens.
+    max_entries: int = Field(default=10_000, ge=1, le=10_000_000)
+    # Refresh recently requested tokens in the background at their refresh point.
+    refresh_ahead: bool = False
+    # When a refresh cannot reach the API server, serve the cached token while it is valid.
+    serve_stale_on_error: bool = True
+    # A cached token is refreshed once this old, whatever its lifetime (kubelet: 24 h).
+    max_age_seconds: float = Field(default=86_400.0, gt=0, le=86_400.0)
+
+
+# --- rate limits ------------------------------------------------------------------------
+
+
+class RateSettings(_Section):
+    """One GCRA limit: `rate` requests per second sustained, up to `burst` at once."""
+
+    rate: float = Field(gt=0, allow_inf_nan=False)
+    burst: int = Field(ge=1, le=1_000_000)
+
+
+class RedisTLSSettings(_Section):
+    enabled: bool = False
+    # CA bundle that signed the Redis server's certificate (default: the system's).
+    ca_file: Path | None = None
+    # A client certificate and its key, when Redis requires TLS client authentication.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> RedisTLSSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set both certFile and keyFile, or neither")
+        return self
+
+
+class RedisSettings(_Section):
+    """The Redis holding the limits shared by all replicas (rateLimit.backend: redis)."""
+
+    # host:port (IPv6 as [::1]:6379).
+    address: str = "127.0.0.1:6379"
+    tls: RedisTLSSettings = RedisTLSSettings()
+    # ACL user; None: the default user.
+    username: str | None = None
+    # A file holding the password (a mounted Secret), re-read for each new connection.
+    password_file: Path | None = None
+    # Prefix of every key the broker writes.
+    key_prefix: str = "token-broker:"
+    # Bound of one check (connecting included); slower counts as Redis unavailable.
+    timeout_seconds: float = Field(default=0.5, gt=0)
+    # While Redis is unavailable it is tried again after this long, not on every call.
+    retry_interval_seconds: float = Field(default=2.0, gt=0)
+
+    @field_validator("address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        try:
+            split_host_port(value, "rateLimit.redis.address")
+        except ConfigError:
+            raise ValueError(f"{value!r} is not host:port") from None
+        return value
+
+
+class UpstreamLimitSettings(_Section):
+    """Protection of the Kubernetes API server (broker.upstream_guard)."""
+
+    # Concurrent TokenRequest calls to the API server, per broker process.
+    max_concurrent: int = Field(default=32, ge=1)
+    # How long a call may wait for a free slot (never past the caller's deadline).
+    max_wait_seconds: float = Field(default=2.0, ge=0)
+    # After a 429 with Retry-After for a service account, its requests are refused early
+    # for that long, up to this bound.
+    max_retry_after_seconds: float = Field(default=60.0, ge=0)
+
+
+class RateLimitSettings(_Section):
+    """Rate limits (broker.ratelimit): per caller, per target service account, and global.
+
+    A scope set to null has no limit. Policy rules may override perCaller and
+    perServiceAccount for the requests they decide.
+    """
+
+    enabled: bool = True
+    per_caller: RateSettings | None = RateSettings(rate=10, burst=20)
+    per_service_account: RateSettings | None = RateSettings(rate=50, burst=100)
+    # All calls to this broker (all replicas, with redis). YAML `global` (a Python keyword).
+    global_limit: RateSettings | None = Field(
+        default=RateSettings(rate=200, burst=400), alias="global"
+    )
+    # memory: per process; redis: shared by every replica (rateLimit.redis).
+    backend: Literal["memory", "redis"] = "memory"
+    redis: RedisSettings = RedisSettings()
+    # While Redis is unavailable: local (per-process) limits, or refuse calls (UNAVAILABLE).
+    on_redis_unavailable: Literal["local", "refuse"] = "local"
+    upstream: UpstreamLimitSettings = UpstreamLimitSettings()
+
+
 class Settings(BaseSettings):
     """All broker settings. Build with `load_settings`."""
 
@@ -314,7 +463,12 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     policy: PolicySettings = PolicySettings()
     audit: AuditSettings = AuditSettings()
+    admin: AdminSettings = AdminSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    readiness: ReadinessSettings = ReadinessSettings()
     authentication: AuthenticationSettings = AuthenticationSettings()
+    cache: CacheSettings = CacheSettings()
+    rate_limit: RateLimitSettings = RateLimitSettings()
     # Dev mode: embedded emulator, plaintext loopback. Never in production.
     dev: bool = False
 

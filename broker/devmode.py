@@ -76,6 +76,9 @@ def banner(server: BrokerServer, emulator: Emulator, workdir: Path) -> str:
             f"{token} --server {server.address}{plaintext} --credential-file {key_file}"
         )
         grpcurl.append(f"grpcurl{' -plaintext' if plaintext else ''} {server.address} list")
+    admin = server.admin_url
+    admin_where = f"{admin} (/metrics, /healthz, /readyz)" if admin else "- (admin.listen unset)"
+    admin_lines = [f"  curl {admin}/metrics", f"  curl {admin}/readyz"] if admin is not None else []
     rule = "=" * 78
     return "\n".join(
         [
@@ -86,6 +89,7 @@ def banner(server: BrokerServer, emulator: Emulator, workdir: Path) -> str:
             f"broker:     {server.address if server.settings.server.listen else '-'}"
             f" and unix:{server.unix_socket}",
             f"callers:    identity `{DEV_IDENTITY}`: the unix socket, or the API key in {key_file}",
+            f"admin:      {admin_where}",
             f"policy:     {server.settings.policy.file}",
             f"emulator:   {emulator.url} (CA {emulator.ca_file})",
             f"kubeconfig: {workdir / 'kubeconfig'}",
@@ -95,8 +99,9 @@ def banner(server: BrokerServer, emulator: Emulator, workdir: Path) -> str:
             *(f"  token-broker {c}" for c in commands),
             "From a checkout after `make run` (token-broker not on PATH):",
             *(f"  .venv/bin/token-broker {c}" for c in commands),
-            "Health and reflection:",
+            "Health, reflection and metrics:",
             *(f"  {g}" for g in grpcurl),
+            *admin_lines,
             "",
             "Ctrl-C (SIGINT) or SIGTERM stops the broker and the emulator.",
             rule,

@@ -3,14 +3,21 @@
 The code never logs a token on purpose; `RedactFilter` masks anything that still looks like
 one (a JWT, a `Bearer` value, a quoted `"token": "..."` field) in the message, its arguments,
 extra fields and exception text, on every handler this module installs.
+
+Every record logged while a gRPC call is handled carries that call's `request_id`: the
+interceptor (broker.observe) binds it with `bind_request_id`, a context variable, and
+`RequestIdFilter` adds it to each record (unless the record names one itself).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
 import re
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -35,6 +42,37 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 _STANDARD_ATTRS = frozenset(
     vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None)).keys()
 ) | {"message", "asctime", "taskName"}
+
+
+# The request id of the call being handled in this context (None outside a call).
+_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "token_broker_request_id", default=None
+)
+
+
+def current_request_id() -> str | None:
+    """The request id bound in this context, if a call is being handled."""
+    return _request_id.get()
+
+
+@contextlib.contextmanager
+def bind_request_id(request_id: str) -> Iterator[None]:
+    """Bind `request_id` for the records logged in this context (the call's task)."""
+    token = _request_id.set(request_id)
+    try:
+        yield
+    finally:
+        _request_id.reset(token)
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds the bound request id to every record as `request_id`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = _request_id.get()
+        if request_id is not None and not hasattr(record, "request_id"):
+            record.request_id = request_id
+        return True
 
 
 def redact(text: str) -> str:
@@ -110,6 +148,7 @@ class TextFormatter(logging.Formatter):
 def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> logging.Handler:
     """Route all logging to one redacting handler on `stream` (stderr); returns the handler."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.addFilter(RequestIdFilter())
     handler.addFilter(RedactFilter())
     handler.setFormatter(JsonFormatter() if settings.format == "json" else TextFormatter())
     root = logging.getLogger()

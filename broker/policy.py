@@ -19,6 +19,9 @@ rules:
     onLongerExpiration: cap          # cap (shorten, with a warning; default) | reject
     boundObject: {required: true, kinds: [Pod]}   # default: not required, any kind
     allowDryRun: false               # default false
+    cache: {enabled: true}           # false: never serve this rule's tokens from the cache
+    rateLimit:                       # replaces rateLimit.perCaller / perServiceAccount
+      perCaller: {rate: 1, burst: 5} # requests/second, burst; null: no limit for this rule
 ```
 
 Semantics, firewall style:
@@ -68,6 +71,7 @@ from broker.policy_schema import (
     PolicyDocument,
     PolicyError,
     Rule,
+    RuleRateLimit,
     Subject,
     parse_document,
 )
@@ -111,6 +115,10 @@ class Decision:
     # None: the request names none and neither does the rule (the API server's default).
     expiration_seconds: int | None = None
     warnings: tuple[str, ...] = ()
+    # The deciding rule lets the token cache serve the grant (`cache.enabled`); False on denials.
+    cacheable: bool = False
+    # The deciding rule's `rateLimit` overrides (broker.ratelimit); None: the settings' limits.
+    rate_limit: RuleRateLimit | None = None
 
     def effective_request(self, request: pb.CreateTokenRequest) -> pb.CreateTokenRequest:
         """A copy of the request with the granted audiences and expiration filled in."""
@@ -348,4 +356,6 @@ def _decide_with(rule: Rule, request: pb.CreateTokenRequest) -> Decision:
         audiences=audiences,
         expiration_seconds=expiration,
         warnings=warnings,
+        cacheable=rule.cache.enabled,
+        rate_limit=rule.rate_limit,
     )

@@ -22,6 +22,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from broker.config import RateSettings
 from broker.durations import parse_go_duration
 from broker.identity import AuthMethod
 
@@ -132,6 +133,27 @@ class BoundObject(_Model):
     kinds: Kinds = BOUND_KINDS
 
 
+class RuleCache(_Model):
+    """Whether the broker's token cache (broker.cache) may serve this rule's tokens."""
+
+    # false: every request is a fresh TokenRequest (e.g. callers that need a new `jti` each time).
+    enabled: StrictBool = True
+
+
+class RuleRateLimit(_Model):
+    """Rate limits for the requests this rule decides, replacing `rateLimit.perCaller` /
+    `perServiceAccount` of the settings (broker.ratelimit). A key left out keeps the
+    default; `null` means no limit in that scope for this rule. The global limit still
+    applies. The rule's limits count in buckets of their own (per rule)."""
+
+    per_caller: RateSettings | None = None
+    per_service_account: RateSettings | None = None
+
+    def overrides(self, field: str) -> bool:
+        """Whether the rule sets `field` (`per_caller`, `per_service_account`), to null or not."""
+        return field in self.model_fields_set
+
+
 class Rule(_Model):
     name: str
     subjects: Subjects
@@ -148,6 +170,8 @@ class Rule(_Model):
     on_longer_expiration: OnLongerExpiration = "cap"
     bound_object: BoundObject = BoundObject()
     allow_dry_run: StrictBool = False
+    cache: RuleCache = RuleCache()
+    rate_limit: RuleRateLimit | None = None
 
     @field_validator("name")
     @classmethod

@@ -3,7 +3,9 @@
 The request path lives in `broker.service`; this module builds its parts from the settings
 (authenticator, policy source, upstream client, audit log), binds it to TCP and/or a unix
 socket next to the standard `grpc.health.v1.Health` and server reflection services, and
-owns the parts' lifecycles.
+owns the parts' lifecycles. Around them: the metrics (`broker.metrics`, fed by the
+`broker.observe` interceptor on every gRPC server), readiness (`broker.readiness`: the gRPC
+health statuses follow it) and the admin HTTP listener (`broker.admin`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from grpc_health.v1 import _async as health_aio  # the asyncio HealthServicer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from broker.admin import AdminServer
 from broker.audit import AuditLog
 from broker.authn import Authenticator
 from broker.config import (
@@ -33,7 +36,10 @@ from broker.config import (
 )
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
+from broker.metrics import BrokerMetrics
+from broker.observe import CallObserver
 from broker.policy_reload import FixedPolicy, PolicyStore, open_policy
+from broker.readiness import Clock, KubernetesProber, Readiness, ReadyState
 from broker.service import TokenBrokerServicer
 from broker.tls import ServerTLSMaterial, load_tls_material_async
 from broker.upstream import UpstreamClient
@@ -70,12 +76,29 @@ class BrokerServer:
     """The broker's gRPC server. `start()`, then `stop()` (or use `async with`).
 
     An upstream passed in belongs to the caller; one created by `start()` is closed by `stop()`.
+    `clock` (monotonic seconds) drives readiness's "unreachable for how long" (tests).
     """
 
-    def __init__(self, settings: Settings, *, upstream: UpstreamClient | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        upstream: UpstreamClient | None = None,
+        clock: Clock | None = None,
+    ) -> None:
         self.settings = settings
         self._upstream = upstream
         self._owns_upstream = upstream is None
+        self.metrics = BrokerMetrics(settings.metrics)
+        self.readiness = Readiness(
+            unreachable_after_seconds=settings.readiness.unreachable_after_seconds,
+            **({"clock": clock} if clock is not None else {}),
+        )
+        self.readiness.add_listener(self._readiness_changed)
+        self.metrics.watch_readiness(lambda: self.readiness.state().ready)
+        self._prober: KubernetesProber | None = None
+        self._prober_task: asyncio.Task[None] | None = None
+        self._admin: AdminServer | None = None
         self._server: aio.Server | None = None
         self._health: Any = None  # health_aio.HealthServicer (the stubs lack the aio module)
         self._address: str | None = None
@@ -105,6 +128,21 @@ class BrokerServer:
         return self._unix_socket
 
     @property
+    def admin_address(self) -> str | None:
+        """host:port of the admin HTTP listener (/metrics, /healthz, /readyz), if enabled."""
+        return self._admin.address if self._admin is not None else None
+
+    @property
+    def admin_url(self) -> str | None:
+        return self._admin.url if self._admin is not None else None
+
+    @property
+    def prober(self) -> KubernetesProber:
+        if self._prober is None:
+            raise RuntimeError("server not started")
+        return self._prober
+
+    @property
     def policy(self) -> PolicyStore | FixedPolicy:
         if self._policy is None:
             raise RuntimeError("server not started")
@@ -125,7 +163,9 @@ class BrokerServer:
         tls = await load_tls_material_async(cfg.tls) if cfg.tls is not None else None
         if cfg.unix_socket is not None:
             await _remove_stale_socket(cfg.unix_socket)
-        server = aio.server(options=channel_options(self.settings))
+        server = aio.server(
+            options=channel_options(self.settings), interceptors=[CallObserver(self.metrics)]
+        )
         try:
             # Each part checks its own settings; any failure stops the start (ConfigError).
             self._authenticator = Authenticator.from_settings(
@@ -136,19 +176,37 @@ class BrokerServer:
             self._audit = await AuditLog.from_settings(self.settings.audit)
             if self._upstream is None:
                 self._upstream = await UpstreamClient.from_settings(self.settings.kubernetes)
+            self.metrics.watch_policy(
+                self._policy if isinstance(self._policy, PolicyStore) else None
+            )
+            self.metrics.watch_audit(self._audit)
+            self.readiness.policy_loaded()
+            self._upstream.add_observer(self.metrics)
+            self._upstream.add_observer(self.readiness)
             pb_grpc.add_TokenBrokerServiceServicer_to_server(
                 TokenBrokerServicer(
                     authenticator=self._authenticator,
                     policy=self._policy,
                     upstream=self._upstream,
                     audit=self._audit,
+                    metrics=self.metrics,
                 ),
                 server,
             )
+            self.metrics.init_grpc_method("unary", SERVICE_NAME, "CreateToken")
             self._health = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-            for name in ("", SERVICE_NAME):
-                await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            # The first probe sets the health statuses: SERVING once the API server answered.
+            self._prober = KubernetesProber(
+                self._upstream,
+                self.readiness,
+                interval_seconds=self.settings.readiness.probe_interval_seconds,
+                timeout_seconds=min(
+                    self.settings.readiness.probe_interval_seconds,
+                    self.settings.kubernetes.request_timeout_seconds,
+                ),
+            )
+            await self._prober.check()
             reflection.enable_server_reflection(
                 [SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server
             )
@@ -165,11 +223,21 @@ class BrokerServer:
             await server.start()
             if cfg.health_listen is not None:
                 await self._start_health_server(cfg.health_listen)
+            if self.settings.admin.listen is not None:
+                self._admin = AdminServer(
+                    self.settings.admin.listen,
+                    registry=self.metrics.registry,
+                    readiness=self.readiness,
+                )
+                await self._admin.start()
         except BaseException:
             await server.stop(None)
             if self._health_server is not None:
                 await self._health_server.stop(None)
                 self._health_server = None
+            if self._admin is not None:
+                await self._admin.stop()
+                self._admin = None
             if self._unix_socket is not None:
                 await asyncio.to_thread(self._unix_socket.unlink, missing_ok=True)
                 self._unix_socket = None
@@ -178,19 +246,41 @@ class BrokerServer:
         self._server = server
         if isinstance(self._policy, PolicyStore):
             self._policy_watch = asyncio.create_task(self._policy.run(), name="policy-watch")
+        self._prober_task = asyncio.create_task(self._prober.run(), name="readiness-probe")
+        state = self.readiness.state()
+        if not state.ready:
+            logger.warning("not ready yet: %s", state.reason)
         logger.info(
             "token broker serving",
             extra={
                 "listen": self._address,
                 "health_listen": self._health_address,
+                "admin_listen": self.admin_address,
+                "ready": state.ready,
                 "unix_socket": str(self._unix_socket) if self._unix_socket else None,
                 "tls": _tls_mode(tls),
             },
         )
 
+    async def _readiness_changed(self, state: ReadyState) -> None:
+        """The gRPC health statuses follow readiness (both "" and the service)."""
+        if self._health is None:
+            return
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if state.ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
+
     async def _start_health_server(self, listen: str) -> None:
         # Same HealthServicer: probes see exactly what gRPC clients see, NOT_SERVING included.
-        health_server = aio.server(options=[("grpc.so_reuseport", 0)])
+        # Its own observer: wrapped handlers are cached per server (never serve a method
+        # of the main server here).
+        health_server = aio.server(
+            options=[("grpc.so_reuseport", 0)], interceptors=[CallObserver(self.metrics)]
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, health_server)
         self._health_server = health_server
         port = _bind(health_server, listen, None, "server.healthListen")
@@ -204,12 +294,16 @@ class BrokerServer:
             return
         self._stopped = True
         logger.info("shutting down", extra={"grace_seconds": grace})
-        # Probes and load balancers see NOT_SERVING before the listeners go away.
+        # Probes and load balancers see NOT_SERVING (and /readyz 503) before the listeners
+        # go away.
+        self.readiness.shutting_down()
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
         if self._health_server is not None:
             # Up until the main server is done, so probes saw NOT_SERVING all along.
             await self._health_server.stop(None)
+        if self._admin is not None:
+            await self._admin.stop()
         await self._close_parts()
         if self._unix_socket is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -218,6 +312,14 @@ class BrokerServer:
 
     async def _close_parts(self) -> None:
         # After the last call has finished: every call's audit line is written.
+        if self._prober_task is not None:
+            self._prober_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober_task
+            self._prober_task = None
+        if self._upstream is not None:
+            self._upstream.remove_observer(self.metrics)
+            self._upstream.remove_observer(self.readiness)
         if self._policy_watch is not None:
             self._policy_watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -6,6 +6,10 @@ lives in its own module; this one only orders them and turns failures into gRPC 
 
 Authentication comes first so that an unauthenticated caller learns nothing but
 UNAUTHENTICATED; validation comes before policy because policy reads the request's fields.
+
+Along the way it feeds the domain metrics (broker.metrics) and notes, for the call's access
+log line (broker.observe), the namespace, service account, caller and refusal reason. The
+request id is the one the interceptor bound (else computed here, as it would be).
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ import grpc
 from grpc import aio
 
 from broker.audit import AuditLog, AuditRecord, AuditWriteError
-from broker.authn import Authenticator
+from broker.authn import AuthenticationFailed, Authenticator
 from broker.errors import BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 from broker.identity import Identity
+from broker.logs import bind_request_id, current_request_id
+from broker.metrics import BrokerMetrics
+from broker.observe import annotate_call
 from broker.policy import Decision, Policy
 from broker.request_id import REQUEST_ID_METADATA_KEY, request_id_from
 from broker.upstream import UpstreamClient, UpstreamResult
@@ -59,19 +66,31 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
         policy: PolicySource,
         upstream: UpstreamClient,
         audit: AuditLog,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         self._authenticator = authenticator
         self._policy = policy
         self._upstream = upstream
         self._audit = audit
+        self._metrics = metrics if metrics is not None else BrokerMetrics()
 
     async def CreateToken(
         self,
         request: pb.CreateTokenRequest,
         context: aio.ServicerContext[Any, Any],
     ) -> pb.CreateTokenResponse:
+        request_id = current_request_id() or request_id_from(context.invocation_metadata())
+        with bind_request_id(request_id), self._metrics.in_flight.track_inprogress():
+            return await self._handle(request, context, request_id)
+
+    async def _handle(
+        self,
+        request: pb.CreateTokenRequest,
+        context: aio.ServicerContext[Any, Any],
+        request_id: str,
+    ) -> pb.CreateTokenResponse:
         started = time.monotonic()
-        request_id = request_id_from(context.invocation_metadata())
+        annotate_call(namespace=request.namespace, service_account=request.service_account)
         await context.send_initial_metadata(((REQUEST_ID_METADATA_KEY, request_id),))
         call = _Call()
         response: pb.CreateTokenResponse | None = None
@@ -107,11 +126,20 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
         try:
             await self._audit.write(record)
         except AuditWriteError as exc:
-            # Fail closed: a token nobody can account for is not handed out.
-            error = exc.as_broker_error()
+            # Fail closed: a token nobody can account for is not handed out. A call that
+            # was refused anyway keeps its own status.
+            if error is None:
+                error = exc.as_broker_error()
         if error is not None:
+            annotate_call(reason=error.reason)
             await error.abort(context)
         assert response is not None
+        spec = response.token_request.spec  # as the API server granted it
+        self._metrics.token_issued(
+            request.namespace,
+            spec.expiration_seconds if spec.HasField("expiration_seconds") else None,
+            call.identity.name if call.identity is not None else None,
+        )
         return response
 
     async def _create_token(
@@ -120,9 +148,19 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
         context: aio.ServicerContext[Any, Any],
         call: _Call,
     ) -> pb.CreateTokenResponse:
-        call.identity = await self._authenticator.authenticate(context)
+        try:
+            call.identity = identity = await self._authenticator.authenticate(context)
+        except AuthenticationFailed as err:
+            self._metrics.authentication_failure(err.method, err.reason)
+            raise
+        annotate_call(user=identity.name, auth_method=identity.method)
         validate_create_token(request)
-        call.decision = decision = self._policy.current.decide(call.identity, request)
+        spec = request.token_request.spec
+        self._metrics.token_requested(
+            spec.expiration_seconds if spec.HasField("expiration_seconds") else None
+        )
+        call.decision = decision = self._policy.current.decide(identity, request)
+        self._metrics.policy_decision(decision.allowed, decision.reason, identity.name)
         if not decision.allowed:
             raise decision.error()
         effective = decision.effective_request(request)

@@ -6,6 +6,10 @@ becomes a BrokerError; the API server's own message is relayed verbatim.
 
 Secrets: the token (in the response) and the broker's bearer credential (in the client
 configuration) never appear in a log line, an exception message or a repr.
+
+Observers (`add_observer`: metrics, readiness) see every attempt's outcome (`AttemptOutcome`:
+the HTTP status, or why there was none, and how long it took) and every retry. `probe()` asks
+the API server's `/readyz`, for readiness when no calls come in.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import aiohttp
 import grpc
@@ -103,6 +107,43 @@ class UpstreamResult:
     __str__ = __repr__
 
 
+@dataclass(frozen=True)
+class AttemptOutcome:
+    """One HTTP request to the API server: its status, or why there is none.
+
+    `error`: "connection" (refused, reset, TLS...), "timeout" (the attempt's own timeout), or
+    "deadline" (the caller's deadline or a cancellation cut it short: says nothing about
+    the API server).
+    """
+
+    status: int | None
+    error: Literal["connection", "timeout", "deadline"] | None
+    seconds: float
+
+    @property
+    def code(self) -> str:
+        """The metrics label: the HTTP status, "timeout", or "error" (no answer)."""
+        if self.status is not None:
+            return str(self.status)
+        return "error" if self.error == "connection" else "timeout"
+
+    @property
+    def reachable(self) -> bool | None:
+        """Whether the API server is reachable, as far as this outcome tells: it answered
+        with a non-5xx status. None when the attempt was cut short by the caller."""
+        if self.status is not None:
+            return self.status < 500
+        return None if self.error == "deadline" else False
+
+
+class UpstreamObserver(Protocol):
+    """Told about every attempt and retry (called on the event loop; must not block)."""
+
+    def upstream_attempt(self, outcome: AttemptOutcome) -> None: ...
+
+    def upstream_retry(self) -> None: ...
+
+
 @dataclass
 class _Failure:
     """One failed attempt: whether to retry and what to answer if it is the last."""
@@ -122,6 +163,7 @@ class UpstreamClient:
         self._core = kclient.CoreV1Api(api_client)
         self._settings = settings
         self._retry: RetrySettings = settings.retry
+        self._observers: list[UpstreamObserver] = []
 
     def __repr__(self) -> str:
         return f"UpstreamClient(host={self._api_client.configuration.host!r})"
@@ -162,6 +204,54 @@ class UpstreamClient:
 
     async def close(self) -> None:
         await self._api_client.close()
+
+    def add_observer(self, observer: UpstreamObserver) -> None:
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: UpstreamObserver) -> None:
+        if observer in self._observers:
+            self._observers.remove(observer)
+
+    def _notify(self, outcome: AttemptOutcome) -> None:
+        for observer in self._observers:
+            try:
+                observer.upstream_attempt(outcome)
+            except Exception:
+                logger.exception("upstream observer %r failed", observer)
+
+    async def probe(self, timeout: float) -> AttemptOutcome:  # noqa: ASYNC109
+        """GET /readyz with the broker's credentials (public on every API server): is the
+        API server reachable? Not reported to the observers."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        status: int | None = None
+        error: Literal["connection", "timeout", "deadline"] | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                method, url, headers, _, _ = await self._api_client.param_serialize(
+                    "GET",
+                    "/readyz",
+                    header_params={"Accept": "text/plain"},
+                    auth_settings=["BearerToken"],
+                )
+                response = await self._api_client.call_api(
+                    method,
+                    url,
+                    header_params=headers,
+                    _preload_content=False,
+                    _request_timeout=float(max(timeout, 0.001)),
+                )
+                try:
+                    await response.read()
+                    status = int(response.status)
+                finally:
+                    response.response.release()
+        except TimeoutError:
+            error = "timeout"
+        except (aiohttp.ClientError, OSError) as exc:
+            error = "connection"
+            logger.debug("readiness probe of the Kubernetes API failed: %s", type(exc).__name__)
+        return AttemptOutcome(status=status, error=error, seconds=loop.time() - started)
 
     async def create_token(
         self,
@@ -255,6 +345,8 @@ class UpstreamClient:
                 failure.detail,
                 delay,
             )
+            for observer in self._observers:
+                observer.upstream_retry()
             await asyncio.sleep(delay)
 
     def _delay(self, attempt: int, failure: _Failure) -> float | None:
@@ -299,6 +391,39 @@ class UpstreamClient:
         kwargs: dict[str, Any],
         attempt_timeout: float,
     ) -> UpstreamResult | _Failure:
+        """One attempt, its outcome reported to the observers."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # What the observers are told if the attempt is cut short (the caller's deadline).
+        answered: list[int] = []
+        error: Literal["connection", "timeout", "deadline"] | None = "deadline"
+        try:
+            outcome = await self._attempt_once(
+                namespace, name, body, kwargs, attempt_timeout, answered
+            )
+            if answered:
+                error = None
+            elif isinstance(outcome, _Failure):
+                error = "timeout" if outcome.error.reason == REASON_TIMEOUT else "connection"
+            return outcome
+        finally:
+            self._notify(
+                AttemptOutcome(
+                    status=answered[0] if answered else None,
+                    error=error,
+                    seconds=loop.time() - started,
+                )
+            )
+
+    async def _attempt_once(
+        self,
+        namespace: str,
+        name: str,
+        body: Any,
+        kwargs: dict[str, Any],
+        attempt_timeout: float,
+        answered: list[int],
+    ) -> UpstreamResult | _Failure:
         try:
             # _without_preload_content: the raw aiohttp response. `_with_http_info` would
             # fold the headers into a dict (losing all but one Warning header) and build a
@@ -318,6 +443,7 @@ class UpstreamClient:
                 headers = response.headers
             finally:
                 response.release()
+            answered.append(status)
         except TimeoutError as exc:
             # aiohttp's per-attempt timeout (the overall deadline surfaces as a cancellation
             # and is turned into DEADLINE_EXCEEDED by create_token). Retryable if time is left.

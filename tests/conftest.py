@@ -80,6 +80,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "retry(**fields): RetrySettings overrides")
 
 
+@pytest.fixture(autouse=True)
+def _admin_on_a_free_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Brokers built in tests put their admin listener on a free port, not 9090."""
+    monkeypatch.setenv("TOKEN_BROKER_ADMIN__LISTEN", "127.0.0.1:0")
+
+
 def _marker_kwargs(request: pytest.FixtureRequest, name: str) -> dict[str, Any]:
     marker = request.node.get_closest_marker(name)
     return dict(marker.kwargs) if marker else {}

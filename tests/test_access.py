@@ -1184,6 +1184,13 @@ async def test_audit_fail_closed_withholds_the_token(
         r.name == "broker.audit" and r.levelno == logging.ERROR and "failClosed" in r.getMessage()
         for r in caplog.records
     )
+    # A refused call keeps its own status: there was no token to withhold.
+    async with broker.tcp() as channel:
+        out = await broker.create(channel, create_request(namespace="nowhere"))
+    assert out.status is not None and out.status.code == grpc.StatusCode.PERMISSION_DENIED
+    assert out.status.error_info is not None
+    assert out.status.error_info.reason == "NO_MATCHING_RULE"
+    assert emulator.token_request_count == 1
 
 
 # --- 5. secrets never reach the logs or the audit log -----------------------------------------

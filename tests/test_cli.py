@@ -240,6 +240,12 @@ def test_serve_flags_override_the_file(tmp_path: Path) -> None:
     assert settings.log.level == "warning"
 
 
+def test_serve_admin_listen_flag() -> None:
+    for flag, expected in (("127.0.0.1:9191", "127.0.0.1:9191"), ("", None)):
+        args = build_parser().parse_args(["serve", "--admin-listen", flag])
+        assert load_settings(None, serve_overrides(args)).admin.listen == expected
+
+
 def test_serve_bad_config_exits_naming_the_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

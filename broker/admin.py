@@ -1,0 +1,118 @@
+"""The admin HTTP listener (`admin.listen`, plaintext): /metrics, /healthz, /readyz.
+
+- `GET /metrics`: the broker's own Prometheus registry (text format, or OpenMetrics when the
+  scraper asks for it).
+- `GET /healthz`: the process is alive and serving: 200 `ok`.
+- `GET /readyz`: 200 `ok` when ready (broker.readiness), else 503 with the reason.
+
+Nothing here carries a token or a credential, so it may listen on any address; its own port
+keeps it apart from the gRPC listener's TLS. No access log: probes and scrapes come every
+few seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from broker.config import ConfigError, split_host_port
+from broker.readiness import Readiness
+
+logger = logging.getLogger(__name__)
+
+_SHUTDOWN_TIMEOUT = 1.0
+
+
+class AdminServer:
+    """`start()`, then `stop()`."""
+
+    def __init__(self, listen: str, *, registry: CollectorRegistry, readiness: Readiness) -> None:
+        self.listen = listen
+        self._registry = registry
+        self._readiness = readiness
+        self._runner: web.AppRunner | None = None
+        self._address: str | None = None
+
+    @property
+    def address(self) -> str:
+        """host:port, with the real port when 0 was asked for."""
+        if self._address is None:
+            raise RuntimeError("the admin listener is not started")
+        return self._address
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    def build_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        return app
+
+    async def start(self) -> None:
+        """Bind and serve; ConfigError (naming admin.listen) when the address is unusable."""
+        host, port = split_host_port(self.listen, "admin.listen")
+        sock = _bind(host.strip("[]"), port, self.listen)
+        runner = web.AppRunner(
+            self.build_app(),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=_SHUTDOWN_TIMEOUT,
+        )
+        try:
+            await runner.setup()
+            await web.SockSite(runner, sock).start()
+        except BaseException:
+            await runner.cleanup()
+            sock.close()
+            raise
+        self._runner = runner
+        self._address = f"{host}:{sock.getsockname()[1]}"
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        body = encoder(self._registry)
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n", content_type="text/plain")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        state = await self._readiness.publish()
+        if state.ready:
+            return web.Response(text="ok\n", content_type="text/plain")
+        return web.Response(
+            status=503, text=f"not ready: {state.reason}\n", content_type="text/plain"
+        )
+
+
+def _bind(host: str, port: int, listen: str) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise ConfigError(f"admin.listen: cannot listen on {listen}: {exc}") from None
+    family, socktype, proto, _, address = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        # SO_REUSEADDR (restart over TIME_WAIT) but not SO_REUSEPORT: a busy port fails.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"admin.listen: cannot listen on {listen} ({exc.strerror or exc})"
+        ) from None
+    return sock

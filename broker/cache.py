@@ -1,0 +1,701 @@
+"""An in-memory cache of minted tokens: kubelet's refresh rule, single flight, refresh-ahead.
+
+Where it sits: in CreateToken after policy and before upstream. The key is built from the
+*effective* request (the granted audiences and expiration), so a policy change that alters the
+grant changes the key, and policy still runs on every call: a cached token is only ever
+handed to a caller the policy allows right now.
+
+Key (`CacheKey`): the caller (auth method, name, issuer) and everything that shapes the token:
+namespace, service account, audiences in request order (the API server keeps it), the
+requested expiration (None = the server default) and the whole bound object reference (kind,
+apiVersion, name, uid). One caller never receives a token minted for another.
+
+Freshness, as kubelet (`pkg/kubelet/token/token_manager.go`): a token's lifetime is
+`status.expirationTimestamp - iat` (the JWT's `iat`; else `metadata.creationTimestamp`; else
+`spec.expirationSeconds`): both are the API server's clock, so broker/server clock skew does not
+matter. The lifetime is anchored at the local moment the upstream answered. A token is served
+while `age < 80% of lifetime - jitter` (jitter uniform in [0, 10 s), drawn once per token) and
+`age < cache.maxAgeSeconds` (24 h); after that the next request refreshes it.
+
+Single flight: concurrent requests for one key share one upstream call, run as its own task;
+each waiter awaits it through `asyncio.shield`, so a waiter that is cancelled or runs out of
+time never cancels the call for the others, and its result is cached even if every waiter left.
+
+Deadline of the shared call (the choice): NOT the first requester's remaining deadline. A
+caller with 50 ms left would otherwise doom every later joiner with a longer deadline. The call
+gets `fetch_timeout` (wire `kubernetes.requestTimeoutSeconds`, the upstream's own bound when a
+caller sets no deadline) and is also hard-capped here at `fetch_timeout + 1 s`. Each waiter
+waits at most its own `timeout` and then gets DEADLINE_EXCEEDED (UPSTREAM_TIMEOUT), exactly as
+an uncached call would; the call goes on and its token is cached for the caller's retry.
+
+Failed refreshes: when the API server could not answer (UNAVAILABLE, DEADLINE_EXCEEDED,
+RESOURCE_EXHAUSTED) and `serveStaleOnError` is on, the cached token is served while it is still
+valid, and for `REFRESH_RETRY_SECONDS` after a failure further requests get it without another
+attempt. A definitive answer (NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION, ...: the
+service account or bound object is gone, the broker lost its RBAC grant) drops the entry and is
+surfaced: the old token is known to be stale or no longer the broker's to hand out.
+
+Refresh-ahead (`refreshAhead`): a key is *hot* when it was requested within the refresh window
+(the last 20% of its lifetime) before its refresh point. Hot keys are refreshed in the
+background at their refresh point (the task started by `start()`, or `run_maintenance()`), and
+while a refresh runs requests are answered from the cache (if at least 10% of the lifetime is
+left), so hot callers do not wait on the API server. A cold key is refreshed by its next request.
+
+Never cached: dry-run requests, rules with `cache: {enabled: false}` (`Decision.cacheable`), all
+when `cache.enabled` is false (see `TokenCache.cacheable`). Bounded: at most `maxEntries` (LRU
+eviction); expired entries are dropped on lookup and by a sweep every minute that only touches
+expired ones (a heap ordered by expiry). Tokens live in this process's memory only, and no
+repr, log line or exception message here contains one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import functools
+import heapq
+import itertools
+import json
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from broker.config import CacheSettings
+from broker.errors import BrokerError
+from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
+from broker.identity import AuthMethod, Identity
+from broker.policy import Decision
+from broker.upstream import REASON_TIMEOUT, UpstreamResult
+
+logger = logging.getLogger(__name__)
+
+# Served while younger than this fraction of the lifetime (kubelet: refresh in the last 20%).
+REFRESH_FRACTION = 0.8
+# Jitter subtracted from the refresh point, uniform in [0, this) (kubelet: 10 s).
+MAX_JITTER_SECONDS = 10.0
+# Refresh-ahead serves the old token during a refresh only while this much lifetime is left.
+MIN_REMAINING_FRACTION_WHILE_REFRESHING = 0.1
+# After a failed refresh (serveStaleOnError), no new attempt for this long.
+REFRESH_RETRY_SECONDS = 10.0
+# Expired entries are swept this often (kubelet: every minute).
+SWEEP_INTERVAL_SECONDS = 60.0
+# The shared upstream call's own bound when none is configured.
+DEFAULT_FETCH_TIMEOUT_SECONDS = 30.0
+# The hard cap on a shared call is its timeout plus this (the upstream's own timeout first).
+FETCH_GRACE_SECONDS = 1.0
+
+REASON_CACHE_CLOSED = "TOKEN_CACHE_CLOSED"
+
+# The API server could not answer: a still-valid cached token may stand in.
+_TRANSIENT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+# Given the timeout the shared call must finish within (seconds; None: the upstream's default).
+Fetch = Callable[[float | None], Awaitable[UpstreamResult]]
+
+
+def refresh_due_at(issued_at: float, expires_at: float, jitter: float) -> float:
+    """When a token issued at `issued_at` and expiring at `expires_at` is due for refresh.
+
+    kubelet's rule: at 80% of the lifetime, minus `jitter` seconds (drawn by the caller,
+    e.g. `default_jitter()`; negative values count as 0), never before `issued_at`. Pure: any
+    clock works as long as both times are on it. Shared by this cache, the sidecar agent
+    (broker.agent) and the kubectl credential plugin's cache (broker.exec_credential).
+    """
+    lifetime = max(0.0, expires_at - issued_at)
+    return issued_at + max(0.0, REFRESH_FRACTION * lifetime - max(0.0, jitter))
+
+
+def default_jitter() -> float:
+    """Uniform in [0, MAX_JITTER_SECONDS): spreads the refreshes of tokens minted together."""
+    return random.uniform(0.0, MAX_JITTER_SECONDS)  # noqa: S311 - jitter, not cryptography
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Who asked, and everything that shapes the token. Holds no secret."""
+
+    auth_method: AuthMethod
+    caller: str
+    issuer: str | None
+    namespace: str
+    service_account: str
+    # In request order: the API server returns them in that order.
+    audiences: tuple[str, ...]
+    # None: the API server's default.
+    expiration_seconds: int | None
+    # (kind, apiVersion, name, uid); None when the token is not bound.
+    bound_object: tuple[str, str, str, str] | None
+
+    @classmethod
+    def for_request(cls, identity: Identity, request: pb.CreateTokenRequest) -> CacheKey:
+        """The key of a validated, *effective* request (`Decision.effective_request`).
+
+        metadata.name/namespace are not part of it: validation makes them empty or equal to
+        the service account and namespace, which shape the token the same way.
+        """
+        if request.dry_run:
+            raise ValueError("dry-run requests are never cached")
+        spec = request.token_request.spec
+        bound = None
+        if spec.HasField("bound_object_ref"):
+            ref = spec.bound_object_ref
+            bound = (ref.kind, ref.api_version, ref.name, ref.uid)
+        return cls(
+            auth_method=identity.method,
+            caller=identity.name,
+            issuer=identity.issuer,
+            namespace=request.namespace,
+            service_account=request.service_account,
+            audiences=tuple(spec.audiences),
+            expiration_seconds=(
+                spec.expiration_seconds if spec.HasField("expiration_seconds") else None
+            ),
+            bound_object=bound,
+        )
+
+    def __str__(self) -> str:
+        caller = self.caller if self.issuer is None else f"{self.issuer}#{self.caller}"
+        return f"{self.namespace}/{self.service_account} for {self.auth_method}:{caller}"
+
+
+@dataclass(eq=False, repr=False)
+class CacheEntry:
+    """One cached token. Times are on the cache's clock; `result` holds the token."""
+
+    key: CacheKey
+    result: UpstreamResult
+    # When the upstream answered.
+    issued_at: float
+    # Seconds from issue to expiry (API server clock).
+    lifetime: float
+    # Served without a refresh before this.
+    refresh_at: float
+    # The last request for the key (refresh-ahead's "hot" test).
+    last_access: float
+    # How a background refresh calls upstream for this key.
+    fetch: Fetch
+    seq: int
+    # The last refresh failed then (None: none failed since the token was minted).
+    failed_at: float | None = None
+
+    @property
+    def expires_at(self) -> float:
+        return self.issued_at + self.lifetime
+
+    @property
+    def refresh_window(self) -> float:
+        """The last 20% of the lifetime: refresh-ahead's look-back for recent requests."""
+        return (1.0 - REFRESH_FRACTION) * self.lifetime
+
+    def valid(self, now: float) -> bool:
+        return now < self.expires_at
+
+    def hot(self) -> bool:
+        """Requested within the refresh window before the refresh point (or since)."""
+        return self.last_access >= self.refresh_at - self.refresh_window
+
+    def __repr__(self) -> str:
+        return (
+            f"CacheEntry({self.key}, issued_at={self.issued_at:.3f}, "
+            f"refresh_at={self.refresh_at:.3f}, expires_at={self.expires_at:.3f}, "
+            f"token=<redacted>, warnings={self.result.warnings!r})"
+        )
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class CacheResult:
+    """The answer, and where it came from (for the audit line and metrics)."""
+
+    result: UpstreamResult
+    # From the cache: no upstream answer for this request (stale answers included).
+    hit: bool
+    # A cached token served because its refresh failed (serveStaleOnError).
+    stale: bool = False
+
+
+@dataclass
+class CacheStats:
+    """Counters since start; every request through `get_or_fetch` counts in exactly one of
+    hits, misses, coalesced, stale_served or bypassed."""
+
+    # Answered from the cache without waiting on the API server (fresh tokens, and tokens
+    # served while refresh-ahead refreshes them).
+    hits: int = 0
+    # Started an upstream call and waited for it (no entry, an expired one, or a refresh).
+    misses: int = 0
+    # Joined another request's in-flight upstream call instead of starting one.
+    coalesced: int = 0
+    # Answered with a still-valid cached token after its refresh failed (CacheResult.stale).
+    stale_served: int = 0
+    # Passed straight to upstream: the cache is disabled or closed.
+    bypassed: int = 0
+    # Upstream calls started: by misses and by refresh-ahead.
+    upstream_calls: int = 0
+    # Of those, calls replacing a still-valid entry (synchronous or background).
+    refreshes: int = 0
+    # Refreshes that failed.
+    refresh_failures: int = 0
+    # Entries dropped to stay within maxEntries (least recently used first).
+    evictions: int = 0
+    # Entries dropped because their token expired (on lookup or by the sweep).
+    expirations: int = 0
+    # Entries now.
+    size: int = 0
+
+    @property
+    def upstream_calls_saved(self) -> int:
+        """Requests answered without an upstream call of their own: hits + coalesced."""
+        return self.hits + self.coalesced
+
+
+@dataclass(eq=False)
+class _Flight:
+    task: asyncio.Task[UpstreamResult]
+    background: bool
+
+
+class TokenCache:
+    """See the module docstring. One instance per server; use from one event loop."""
+
+    def __init__(
+        self,
+        settings: CacheSettings,
+        *,
+        fetch_timeout: float = DEFAULT_FETCH_TIMEOUT_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+        jitter: Callable[[], float] = default_jitter,
+    ) -> None:
+        """`fetch_timeout`: the bound of a shared upstream call (kubernetes.requestTimeout-
+        Seconds). `clock`: seconds, only differences are used. `jitter`: seconds >= 0."""
+        if fetch_timeout <= 0:
+            raise ValueError("fetch_timeout must be positive")
+        self._settings = settings
+        self._fetch_timeout = fetch_timeout
+        self._clock = clock
+        self._jitter = jitter
+        self._entries: OrderedDict[CacheKey, CacheEntry] = OrderedDict()
+        # (when, seq, key) min-heaps; stale items (replaced or evicted entries) are skipped.
+        self._expiry_heap: list[tuple[float, int, CacheKey]] = []
+        self._refresh_heap: list[tuple[float, int, CacheKey]] = []
+        self._flights: dict[CacheKey, _Flight] = {}
+        self._seq = itertools.count()
+        self._maintenance: asyncio.Task[None] | None = None
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self.stats = CacheStats()
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenCache(size={len(self._entries)}, max_entries={self._settings.max_entries}, "
+            f"refresh_ahead={self._settings.refresh_ahead}, in_flight={len(self._flights)})"
+        )
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def settings(self) -> CacheSettings:
+        return self._settings
+
+    @property
+    def in_flight(self) -> int:
+        """Upstream calls running now (shared and background)."""
+        return len(self._flights)
+
+    def cacheable(self, decision: Decision, request: pb.CreateTokenRequest) -> bool:
+        """Whether this allowed request may be answered through the cache."""
+        return (
+            self._settings.enabled
+            and not self._closed
+            and decision.allowed
+            and decision.cacheable
+            and not request.dry_run
+        )
+
+    def peek(self, key: CacheKey) -> CacheEntry | None:
+        """The entry of `key`, expired or not, without touching LRU order or counters."""
+        return self._entries.get(key)
+
+    # --- the request path -----------------------------------------------------------------
+
+    async def get_or_fetch(
+        self,
+        key: CacheKey,
+        fetch: Fetch,
+        *,
+        # The caller's remaining deadline (None: none); bounds this caller's wait only.
+        timeout: float | None,  # noqa: ASYNC109
+    ) -> CacheResult:
+        """The cached token of `key`, or one from `fetch` (shared by concurrent requests).
+
+        Raises what the upstream call raised (BrokerError), or DEADLINE_EXCEEDED when
+        `timeout` runs out first. Joiners of an in-flight call use that call's `fetch`.
+        """
+        if not self._settings.enabled or self._closed:
+            self.stats.bypassed += 1
+            return CacheResult(await fetch(timeout), hit=False)
+        now = self._clock()
+        entry = self._lookup(key, now)
+        flight = self._live_flight(key)
+        if entry is not None:
+            hot = entry.hot()
+            entry.last_access = now
+            self._entries.move_to_end(key)
+            if now < entry.refresh_at:
+                self.stats.hits += 1
+                return CacheResult(_copy(entry.result), hit=True)
+            if self._in_retry_backoff(entry, now):
+                self.stats.stale_served += 1
+                return CacheResult(_copy(entry.result), hit=True, stale=True)
+            if self._may_serve_while_refreshing(entry, now) and (
+                flight is not None or (hot and entry.failed_at is None)
+            ):
+                if flight is None:
+                    self._start_flight(key, fetch, refresh=True, background=True)
+                self.stats.hits += 1
+                return CacheResult(_copy(entry.result), hit=True)
+        if flight is None:
+            self.stats.misses += 1
+            flight = self._start_flight(key, fetch, refresh=entry is not None, background=False)
+        else:
+            self.stats.coalesced += 1
+        try:
+            result = await self._wait(flight, timeout)
+        except BrokerError as err:
+            stale = self._stale_for(key, err, flight)
+            if stale is None:
+                raise
+            self.stats.stale_served += 1
+            return CacheResult(_copy(stale.result), hit=True, stale=True)
+        return CacheResult(_copy(result), hit=False)
+
+    async def _wait(self, flight: _Flight, timeout: float | None) -> UpstreamResult:  # noqa: ASYNC109
+        try:
+            if timeout is None:
+                return await asyncio.shield(flight.task)
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(flight.task)
+        except TimeoutError:
+            # Ours: the shared task turns every TimeoutError of its own into a BrokerError.
+            raise _deadline_error(max(0.0, timeout or 0.0)) from None
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if flight.task.cancelled() and (current is None or current.cancelling() == 0):
+                # The shared call was cancelled by close(), not this waiter.
+                raise _closed_error() from None
+            raise
+
+    def _lookup(self, key: CacheKey, now: float) -> CacheEntry | None:
+        entry = self._entries.get(key)
+        if entry is not None and not entry.valid(now):
+            self._remove(key)
+            self.stats.expirations += 1
+            return None
+        return entry
+
+    def _live_flight(self, key: CacheKey) -> _Flight | None:
+        flight = self._flights.get(key)
+        return flight if flight is not None and not flight.task.done() else None
+
+    def _in_retry_backoff(self, entry: CacheEntry, now: float) -> bool:
+        return (
+            self._settings.serve_stale_on_error
+            and entry.failed_at is not None
+            and now < entry.failed_at + REFRESH_RETRY_SECONDS
+        )
+
+    def _may_serve_while_refreshing(self, entry: CacheEntry, now: float) -> bool:
+        left = entry.expires_at - now
+        return (
+            self._settings.refresh_ahead
+            and left >= MIN_REMAINING_FRACTION_WHILE_REFRESHING * entry.lifetime
+        )
+
+    def _stale_for(self, key: CacheKey, err: BrokerError, flight: _Flight) -> CacheEntry | None:
+        """A still-valid cached token to answer with instead of the refresh's error."""
+        if not self._settings.serve_stale_on_error or err.code not in _TRANSIENT_CODES:
+            return None
+        if not flight.task.done() or flight.task.cancelled() or flight.task.exception() is not err:
+            return None  # this waiter's own deadline, not a failed refresh
+        entry = self._entries.get(key)
+        if entry is None or not entry.valid(self._clock()):
+            return None
+        return entry
+
+    # --- upstream calls -------------------------------------------------------------------
+
+    def _start_flight(
+        self, key: CacheKey, fetch: Fetch, *, refresh: bool, background: bool
+    ) -> _Flight:
+        self.stats.upstream_calls += 1
+        if refresh:
+            self.stats.refreshes += 1
+        task = asyncio.get_running_loop().create_task(
+            self._run_fetch(key, fetch, refresh=refresh, background=background),
+            name=f"token-cache-fetch {key.namespace}/{key.service_account}",
+        )
+        task.add_done_callback(functools.partial(self._flight_done, key))
+        flight = _Flight(task=task, background=background)
+        self._flights[key] = flight
+        return flight
+
+    def _flight_done(self, key: CacheKey, task: asyncio.Task[UpstreamResult]) -> None:
+        # Normally _run_fetch has forgotten the flight already; not if cancelled unstarted.
+        flight = self._flights.get(key)
+        if flight is not None and flight.task is task:
+            del self._flights[key]
+        # Every waiter may have left: do not let asyncio log "exception was never retrieved".
+        if not task.cancelled():
+            task.exception()
+
+    async def _run_fetch(
+        self, key: CacheKey, fetch: Fetch, *, refresh: bool, background: bool
+    ) -> UpstreamResult:
+        try:
+            try:
+                async with asyncio.timeout(self._fetch_timeout + FETCH_GRACE_SECONDS):
+                    result = await fetch(self._fetch_timeout)
+            except TimeoutError:
+                raise _deadline_error(self._fetch_timeout) from None
+        except Exception as exc:
+            self._fetch_failed(key, exc, refresh=refresh, background=background)
+            raise
+        else:
+            self._store(key, result, fetch, background=background)
+            return result
+        finally:
+            # Before the waiters wake: a request arriving now sees the entry, not the call.
+            flight = self._flights.get(key)
+            if flight is not None and flight.task is asyncio.current_task():
+                del self._flights[key]
+
+    def _fetch_failed(
+        self, key: CacheKey, exc: Exception, *, refresh: bool, background: bool
+    ) -> None:
+        if refresh:
+            self.stats.refresh_failures += 1
+        entry = self._entries.get(key)
+        what = "background refresh" if background else ("refresh" if refresh else "fetch")
+        code = exc.code.name if isinstance(exc, BrokerError) else type(exc).__name__
+        logger.info("token cache: %s of %s failed: %s", what, key, code)
+        if entry is None:
+            return
+        if isinstance(exc, BrokerError) and exc.code in _TRANSIENT_CODES:
+            entry.failed_at = self._clock()
+        else:
+            # A definitive answer: the cached token is no longer the broker's to hand out.
+            self._remove(key)
+
+    def _store(
+        self, key: CacheKey, result: UpstreamResult, fetch: Fetch, *, background: bool
+    ) -> None:
+        if self._closed:
+            return
+        old = self._entries.get(key)
+        if background and old is None:
+            return  # evicted or expired meanwhile, and nobody is waiting: do not resurrect
+        lifetime = token_lifetime(result.token_request)
+        if lifetime is None:
+            logger.info("token cache: %s: the token's lifetime is unknown; not cached", key)
+            if old is not None:
+                self._remove(key)
+            return
+        now = self._clock()
+        refresh_at = min(
+            refresh_due_at(now, now + lifetime, self._jitter()),
+            now + self._settings.max_age_seconds,
+        )
+        entry = CacheEntry(
+            key=key,
+            result=_copy(result),
+            issued_at=now,
+            lifetime=lifetime,
+            refresh_at=max(now, refresh_at),
+            last_access=old.last_access if old is not None else now,
+            fetch=fetch,
+            seq=next(self._seq),
+        )
+        # A background refresh keeps the key's LRU place; a request makes it the most recent.
+        self._entries[key] = entry
+        if not background:
+            self._entries.move_to_end(key)
+        heapq.heappush(self._expiry_heap, (entry.expires_at, entry.seq, key))
+        if self._settings.refresh_ahead:
+            heapq.heappush(self._refresh_heap, (entry.refresh_at, entry.seq, key))
+            self._wakeup.set()
+        while len(self._entries) > self._settings.max_entries:
+            self._entries.popitem(last=False)
+            self.stats.evictions += 1
+        self._compact()
+        self.stats.size = len(self._entries)
+
+    def _remove(self, key: CacheKey) -> None:
+        self._entries.pop(key, None)
+        self.stats.size = len(self._entries)
+
+    # --- maintenance ----------------------------------------------------------------------
+
+    def run_maintenance(self) -> None:
+        """Sweep expired entries (O(expired)) and, with refreshAhead, start the background
+        refreshes of hot keys that reached their refresh point. The task of `start()` runs
+        this; tests call it after moving their clock (then `await wait_for_refreshes()`)."""
+        if self._closed:
+            return
+        now = self._clock()
+        heap = self._expiry_heap
+        while heap and heap[0][0] <= now:
+            _, seq, key = heapq.heappop(heap)
+            entry = self._entries.get(key)
+            if entry is not None and entry.seq == seq:
+                self._remove(key)
+                self.stats.expirations += 1
+        if not self._settings.refresh_ahead:
+            return
+        heap = self._refresh_heap
+        while heap and heap[0][0] <= now:
+            _, seq, key = heapq.heappop(heap)
+            entry = self._entries.get(key)
+            if (
+                entry is None
+                or entry.seq != seq
+                or entry.failed_at is not None
+                or not entry.hot()
+                or not self._may_serve_while_refreshing(entry, now)
+                or self._live_flight(key) is not None
+            ):
+                continue  # a cold (or failing) key is refreshed by its next request
+            self._start_flight(key, entry.fetch, refresh=True, background=True)
+
+    def _compact(self) -> None:
+        """Rebuild a heap that holds mostly items of replaced or evicted entries."""
+        limit = 2 * len(self._entries) + 64
+        if len(self._expiry_heap) > limit:
+            self._expiry_heap = [(e.expires_at, e.seq, k) for k, e in self._entries.items()]
+            heapq.heapify(self._expiry_heap)
+        if len(self._refresh_heap) > limit:
+            self._refresh_heap = [(e.refresh_at, e.seq, k) for k, e in self._entries.items()]
+            heapq.heapify(self._refresh_heap)
+
+    def start(self) -> None:
+        """Start the maintenance task (the sweep every minute; refresh-ahead on time)."""
+        if self._maintenance is None and not self._closed:
+            self._maintenance = asyncio.get_running_loop().create_task(
+                self._maintain_forever(), name="token-cache-maintenance"
+            )
+
+    async def _maintain_forever(self) -> None:
+        while True:
+            try:
+                self.run_maintenance()
+            except Exception:
+                logger.exception("token cache maintenance failed")
+            delay = SWEEP_INTERVAL_SECONDS
+            if self._settings.refresh_ahead and self._refresh_heap:
+                delay = min(delay, max(0.0, self._refresh_heap[0][0] - self._clock()))
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wakeup.wait()
+
+    async def wait_for_refreshes(self) -> None:
+        """Return once no upstream call of the cache is running (their errors are not
+        raised here). Waiting does not cancel them if this coroutine is cancelled."""
+        while pending := [f.task for f in self._flights.values() if not f.task.done()]:
+            await asyncio.wait(pending)
+
+    async def close(self) -> None:
+        """Cancel the maintenance task and running calls, forget every token. Later calls
+        to get_or_fetch go straight to upstream."""
+        self._closed = True
+        tasks: list[asyncio.Task[object]] = [f.task for f in self._flights.values()]
+        if self._maintenance is not None:
+            tasks.append(self._maintenance)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        self._flights.clear()
+        self._entries.clear()
+        self._expiry_heap.clear()
+        self._refresh_heap.clear()
+        self.stats.size = 0
+
+
+def token_lifetime(token_request: pb.TokenRequest) -> float | None:
+    """Seconds from issue to expiry by the API server's clock; None when unknown.
+
+    `status.expirationTimestamp` minus the JWT's `iat`, else `metadata.creationTimestamp`
+    (both set by the server at issue); else `spec.expirationSeconds` as the server granted it.
+    """
+    status = token_request.status
+    if not status.HasField("expiration_timestamp"):
+        return None
+    ts = status.expiration_timestamp
+    expires = ts.seconds + ts.nanos / 1e9
+    issued = _jwt_issued_at(status.token)
+    if issued is None and token_request.metadata.HasField("creation_timestamp"):
+        created = token_request.metadata.creation_timestamp
+        issued = created.seconds + created.nanos / 1e9
+    if issued is not None:
+        lifetime = expires - issued
+    elif token_request.spec.HasField("expiration_seconds"):
+        lifetime = float(token_request.spec.expiration_seconds)
+    else:
+        return None
+    return lifetime if lifetime > 0 else None
+
+
+def _jwt_issued_at(token: str) -> float | None:
+    """The `iat` claim, read without verification (the API server just minted the token)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    iat = claims.get("iat") if isinstance(claims, dict) else None
+    if isinstance(iat, bool) or not isinstance(iat, int | float):
+        return None
+    return float(iat)
+
+
+def _copy(result: UpstreamResult) -> UpstreamResult:
+    """A private copy: callers may not mutate the cached TokenRequest."""
+    token_request = pb.TokenRequest()
+    token_request.CopyFrom(result.token_request)
+    return UpstreamResult(token_request=token_request, warnings=result.warnings)
+
+
+def _deadline_error(seconds: float) -> BrokerError:
+    # As broker.upstream's: a cached call times out like an uncached one.
+    return BrokerError(
+        code=grpc.StatusCode.DEADLINE_EXCEEDED,
+        message="the deadline expired before the Kubernetes API server answered",
+        reason=REASON_TIMEOUT,
+        metadata={"timeoutSeconds": f"{seconds:.3f}"},
+    )
+
+
+def _closed_error() -> BrokerError:
+    return BrokerError(
+        code=grpc.StatusCode.UNAVAILABLE,
+        message="the token broker is shutting down",
+        reason=REASON_CACHE_CLOSED,
+        retry_after=1.0,
+    )

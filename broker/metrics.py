@@ -1,0 +1,361 @@
+"""Prometheus metrics: the gRPC server metrics and the broker's own, in one registry per broker.
+
+Each `BrokerMetrics` owns a `CollectorRegistry` (not the process-wide default one), so several
+brokers can run in one process (tests) without sharing counts; the admin listener exposes it
+at /metrics.
+
+- gRPC server metrics, named and labelled as the gRPC ecosystem's Prometheus middleware
+  (go-grpc-prometheus) does, fed by the interceptor in `broker.observe`.
+- Domain metrics under `token_broker_`: base units, bounded label values only. Never a token,
+  never a free-form caller string: `namespace` only counts issued tokens (a validated name the
+  policy allowed), reasons are the fixed ErrorInfo reasons, the upstream `code` is an HTTP
+  status. A `caller` label exists only with `metrics.callerLabels`, and then only for the
+  first `metrics.callerLabelLimit` identities (the rest are `other`).
+- Values other parts keep themselves (policy reloads, lost audit lines, cache statistics,
+  readiness) are read when scraped, by a custom collector.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from broker.config import MetricsSettings
+from broker.upstream import AttemptOutcome
+
+# `_created` series double the series count and are not part of the Prometheus text format the
+# gRPC middleware of other languages exposes.
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+GRPC_CODES: tuple[str, ...] = tuple(code.name for code in grpc.StatusCode)
+# go-grpc-prometheus' grpc_type values.
+GRPC_TYPES = ("unary", "client_stream", "server_stream", "bidi_stream")
+
+# Seconds. Handling and upstream latency: milliseconds to the 30 s default request timeout.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Token lifetimes: the API server's 10 min minimum to a week.
+LIFETIME_BUCKETS = (600, 900, 1800, 3600, 7200, 14400, 28800, 43200, 86400, 172800, 604800)
+# Time waited in a rate limiter.
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# The API server's default expiration, which an absent expirationSeconds asks for.
+DEFAULT_EXPIRATION_SECONDS = 3600
+OTHER_CALLER = "other"
+
+
+def broker_version() -> str:
+    try:
+        return importlib.metadata.version("token-broker")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class ReloadCounts(Protocol):
+    """What PolicyStore keeps."""
+
+    @property
+    def reload_count(self) -> int: ...
+
+    @property
+    def reload_failures(self) -> int: ...
+
+
+class LostLines(Protocol):
+    """What AuditLog keeps."""
+
+    @property
+    def lost_lines(self) -> int: ...
+
+
+class CacheStats(Protocol):
+    """Cumulative cache statistics (hits, misses, evictions since start) and its size now."""
+
+    @property
+    def hits(self) -> int: ...
+
+    @property
+    def misses(self) -> int: ...
+
+    @property
+    def evictions(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    size: int = 0
+
+
+class BrokerMetrics:
+    """All of one broker's metrics, in `registry`."""
+
+    def __init__(self, settings: MetricsSettings | None = None) -> None:
+        self.settings = settings if settings is not None else MetricsSettings()
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        grpc_labels = ("grpc_type", "grpc_service", "grpc_method")
+
+        # --- gRPC server (go-grpc-prometheus names) ----------------------------------------
+        self.grpc_started = Counter(
+            "grpc_server_started",
+            "Total number of RPCs started on the server.",
+            grpc_labels,
+            registry=r,
+        )
+        self.grpc_handled = Counter(
+            "grpc_server_handled",
+            "Total number of RPCs completed on the server, regardless of success or failure.",
+            (*grpc_labels, "grpc_code"),
+            registry=r,
+        )
+        self.grpc_msg_received = Counter(
+            "grpc_server_msg_received",
+            "Total number of RPC stream messages received on the server.",
+            grpc_labels,
+            registry=r,
+        )
+        self.grpc_msg_sent = Counter(
+            "grpc_server_msg_sent",
+            "Total number of gRPC stream messages sent by the server.",
+            grpc_labels,
+            registry=r,
+        )
+        self.grpc_handling_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Histogram of response latency (seconds) of gRPC that had been application-level "
+            "handled by the server.",
+            grpc_labels,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+        # --- requests and tokens ----------------------------------------------------------
+        caller = ("caller",) if self.settings.caller_labels else ()
+        self._callers: set[str] = set()
+        self.in_flight = Gauge(
+            "token_broker_in_flight_requests",
+            "CreateToken calls being handled now.",
+            registry=r,
+        )
+        self.tokens_issued = Counter(
+            "token_broker_tokens_issued",
+            "Tokens handed out to callers (CreateToken answered OK), by namespace.",
+            ("namespace", *caller),
+            registry=r,
+        )
+        self.requested_lifetime = Histogram(
+            "token_broker_token_requested_lifetime_seconds",
+            "Token lifetimes callers asked for (absent: the API server default, 3600 s), "
+            "for valid, authenticated requests.",
+            buckets=LIFETIME_BUCKETS,
+            registry=r,
+        )
+        self.granted_lifetime = Histogram(
+            "token_broker_token_granted_lifetime_seconds",
+            "Lifetimes of the tokens handed out, as the API server granted them.",
+            buckets=LIFETIME_BUCKETS,
+            registry=r,
+        )
+
+        # --- upstream ---------------------------------------------------------------------
+        self.upstream_requests = Counter(
+            "token_broker_upstream_requests",
+            "Requests (attempts) to the Kubernetes TokenRequest API by HTTP status; "
+            'code="error": no answer (connection error), code="timeout": timed out.',
+            ("code",),
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "token_broker_upstream_request_duration_seconds",
+            "Latency of requests (attempts) to the Kubernetes TokenRequest API.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_retries = Counter(
+            "token_broker_upstream_retries",
+            "Retries of retryable upstream failures (connection errors, 429, 5xx).",
+            registry=r,
+        )
+
+        # --- decisions --------------------------------------------------------------------
+        self.policy_decisions = Counter(
+            "token_broker_policy_decisions",
+            "Policy decisions by result (allowed, denied) and reason (ALLOWED or the "
+            "ErrorInfo reason of the refusal).",
+            ("result", "reason", *caller),
+            registry=r,
+        )
+        self.authentication_failures = Counter(
+            "token_broker_authentication_failures",
+            "Calls refused as UNAUTHENTICATED, by the credential presented (jwt, apiKey, "
+            "mtls, bearer: a malformed authorization header, none) and ErrorInfo reason.",
+            ("method", "reason"),
+            registry=r,
+        )
+        self.rate_limit_refusals = Counter(
+            "token_broker_rate_limit_refusals",
+            "Calls refused (RESOURCE_EXHAUSTED) by a rate limiter, by its scope.",
+            ("scope",),
+            registry=r,
+        )
+        self.rate_limit_wait_seconds = Histogram(
+            "token_broker_rate_limit_wait_seconds",
+            "Time calls waited in a rate limiter before going on, by its scope.",
+            ("scope",),
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+
+        self.build_info = Gauge(
+            "token_broker_build_info",
+            "Always 1; the labels name the running versions.",
+            ("version", "python_version", "grpc_version"),
+            registry=r,
+        )
+        self.build_info.labels(broker_version(), platform.python_version(), grpc.__version__).set(1)
+
+        # Read at scrape time.
+        self._state = _StateCollector()
+        r.register(self._state)
+
+    # --- gRPC -----------------------------------------------------------------------------
+
+    def init_grpc_method(self, grpc_type: str, service: str, method: str) -> None:
+        """Create a method's series at zero, as go-grpc-prometheus' InitializeMetrics does,
+        so rates and ratios exist before the first call."""
+        self.grpc_started.labels(grpc_type, service, method)
+        self.grpc_msg_received.labels(grpc_type, service, method)
+        self.grpc_msg_sent.labels(grpc_type, service, method)
+        self.grpc_handling_seconds.labels(grpc_type, service, method)
+        for code in GRPC_CODES:
+            self.grpc_handled.labels(grpc_type, service, method, code)
+
+    # --- domain ---------------------------------------------------------------------------
+
+    def _caller(self, name: str | None) -> tuple[str, ...]:
+        if not self.settings.caller_labels:
+            return ()
+        if name is None:
+            return ("",)
+        if name in self._callers:
+            return (name,)
+        if len(self._callers) < self.settings.caller_label_limit:
+            self._callers.add(name)
+            return (name,)
+        return (OTHER_CALLER,)
+
+    def token_issued(
+        self, namespace: str, granted_seconds: int | None, caller: str | None = None
+    ) -> None:
+        self.tokens_issued.labels(namespace, *self._caller(caller)).inc()
+        if granted_seconds is not None:
+            self.granted_lifetime.observe(granted_seconds)
+
+    def token_requested(self, expiration_seconds: int | None) -> None:
+        self.requested_lifetime.observe(
+            DEFAULT_EXPIRATION_SECONDS if expiration_seconds is None else expiration_seconds
+        )
+
+    def policy_decision(self, allowed: bool, reason: str, caller: str | None = None) -> None:
+        result = "allowed" if allowed else "denied"
+        self.policy_decisions.labels(result, reason, *self._caller(caller)).inc()
+
+    def authentication_failure(self, method: str, reason: str) -> None:
+        self.authentication_failures.labels(method, reason).inc()
+
+    def rate_limit_refused(self, scope: str) -> None:
+        """A call refused by the `scope` limiter (e.g. global, caller, namespace)."""
+        self.rate_limit_refusals.labels(scope).inc()
+
+    def rate_limit_waited(self, scope: str, seconds: float) -> None:
+        """A call waited `seconds` in the `scope` limiter, then went on."""
+        self.rate_limit_wait_seconds.labels(scope).observe(seconds)
+
+    # UpstreamObserver
+    def upstream_attempt(self, outcome: AttemptOutcome) -> None:
+        self.upstream_requests.labels(outcome.code).inc()
+        self.upstream_seconds.observe(outcome.seconds)
+
+    def upstream_retry(self) -> None:
+        self.upstream_retries.inc()
+
+    # --- read at scrape time --------------------------------------------------------------
+
+    def watch_policy(self, source: ReloadCounts | None) -> None:
+        """Export the reload counters of this PolicyStore (None: a fixed policy, zeros)."""
+        self._state.policy = source
+
+    def watch_audit(self, source: LostLines | None) -> None:
+        self._state.audit = source
+
+    def watch_readiness(self, ready: Callable[[], bool] | None) -> None:
+        self._state.ready = ready
+
+    def watch_cache(self, stats: Callable[[], CacheStats] | None) -> None:
+        """Read the cache's statistics at every scrape (e.g. `lambda: cache.stats`)."""
+        self._state.cache_source = stats
+
+    def update_cache(self, stats: CacheStats) -> None:
+        """Set the cache statistics exported until the next update (cumulative counts)."""
+        self._state.cache = CacheSnapshot(stats.hits, stats.misses, stats.evictions, stats.size)
+
+
+class _StateCollector(Collector):
+    """Values kept elsewhere, read when scraped."""
+
+    def __init__(self) -> None:
+        self.policy: ReloadCounts | None = None
+        self.audit: LostLines | None = None
+        self.ready: Callable[[], bool] | None = None
+        self.cache_source: Callable[[], CacheStats] | None = None
+        self.cache = CacheSnapshot()
+
+    def collect(self) -> Iterator[Metric]:
+        policy = self.policy
+        yield CounterMetricFamily(
+            "token_broker_policy_reloads",
+            "Policy file reloads that installed a new policy.",
+            value=policy.reload_count if policy is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "token_broker_policy_reload_failures",
+            "Policy file versions refused (the last good policy stayed in force).",
+            value=policy.reload_failures if policy is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "token_broker_audit_lines_lost",
+            "Audit lines that could not be written (audit.failClosed off).",
+            value=self.audit.lost_lines if self.audit is not None else 0,
+        )
+        stats: CacheStats = self.cache_source() if self.cache_source is not None else self.cache
+        cache = "token_broker_cache_"
+        yield CounterMetricFamily(
+            cache + "hits", "Token requests answered from the cache.", value=stats.hits
+        )
+        yield CounterMetricFamily(
+            cache + "misses", "Token requests the cache could not answer.", value=stats.misses
+        )
+        yield CounterMetricFamily(
+            cache + "evictions", "Tokens evicted from the cache.", value=stats.evictions
+        )
+        yield GaugeMetricFamily(cache + "entries", "Tokens in the cache now.", value=stats.size)
+        if self.ready is not None:
+            yield GaugeMetricFamily(
+                "token_broker_ready",
+                "1 when the broker is ready (policy loaded, Kubernetes API reachable), else 0.",
+                value=1 if self.ready() else 0,
+            )

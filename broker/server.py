@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from broker.admin import AdminServer
 from broker.audit import AuditLog
 from broker.authn import Authenticator
+from broker.cache import TokenCache
 from broker.config import (
     ConfigError,
     Settings,
@@ -110,6 +111,7 @@ class BrokerServer:
         self._policy: PolicyStore | FixedPolicy | None = None
         self._policy_watch: asyncio.Task[None] | None = None
         self._audit: AuditLog | None = None
+        self._cache: TokenCache | None = None
 
     @property
     def address(self) -> str:
@@ -141,6 +143,12 @@ class BrokerServer:
         if self._prober is None:
             raise RuntimeError("server not started")
         return self._prober
+
+    @property
+    def cache(self) -> TokenCache:
+        if self._cache is None:
+            raise RuntimeError("server not started")
+        return self._cache
 
     @property
     def policy(self) -> PolicyStore | FixedPolicy:
@@ -180,6 +188,13 @@ class BrokerServer:
                 self._policy if isinstance(self._policy, PolicyStore) else None
             )
             self.metrics.watch_audit(self._audit)
+            self._cache = TokenCache(
+                self.settings.cache,
+                fetch_timeout=self.settings.kubernetes.request_timeout_seconds,
+            )
+            self._cache.start()
+            cache = self._cache
+            self.metrics.watch_cache(lambda: cache.stats)
             self.readiness.policy_loaded()
             self._upstream.add_observer(self.metrics)
             self._upstream.add_observer(self.readiness)
@@ -189,6 +204,7 @@ class BrokerServer:
                     policy=self._policy,
                     upstream=self._upstream,
                     audit=self._audit,
+                    cache=self._cache,
                     metrics=self.metrics,
                 ),
                 server,
@@ -325,6 +341,10 @@ class BrokerServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._policy_watch
             self._policy_watch = None
+        if self._cache is not None:
+            # Background refreshes end before the upstream client closes under them.
+            await self._cache.close()
+            self._cache = None
         if self._audit is not None:
             await self._audit.close()
             self._audit = None

@@ -25,6 +25,7 @@ from grpc import aio
 
 from broker.audit import AuditLog, AuditRecord, AuditWriteError
 from broker.authn import AuthenticationFailed, Authenticator
+from broker.cache import CacheKey, TokenCache
 from broker.errors import BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
@@ -56,6 +57,8 @@ class _Call:
     identity: Identity | None = None
     decision: Decision | None = None
     result: UpstreamResult | None = None
+    # Answered from the token cache: no API-server call for this request.
+    cache_hit: bool = False
 
 
 class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
@@ -66,12 +69,14 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
         policy: PolicySource,
         upstream: UpstreamClient,
         audit: AuditLog,
+        cache: TokenCache,
         metrics: BrokerMetrics | None = None,
     ) -> None:
         self._authenticator = authenticator
         self._policy = policy
         self._upstream = upstream
         self._audit = audit
+        self._cache = cache
         self._metrics = metrics if metrics is not None else BrokerMetrics()
 
     async def CreateToken(
@@ -123,6 +128,8 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
             error=error,
             rule=call.decision.rule if call.decision is not None else None,
         )
+        if call.cache_hit:
+            record = dataclasses.replace(record, upstream_status=None)
         try:
             await self._audit.write(record)
         except AuditWriteError as exc:
@@ -164,17 +171,29 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
         if not decision.allowed:
             raise decision.error()
         effective = decision.effective_request(request)
-        # Seam: rate limits and the cache go here, in that order.
-        call.result = result = await self._upstream.create_token(
-            effective.namespace,
-            effective.service_account,
-            effective.token_request,
-            dry_run=bool(effective.dry_run),
-            field_manager=effective.field_manager,
-            field_validation=effective.field_validation,
-            # None (no gRPC deadline): the configured request timeout applies.
-            timeout=context.time_remaining(),
-        )
+        # Seam: rate limits go here, before the cache (they apply to hits too).
+
+        async def fetch(timeout: float | None) -> UpstreamResult:  # noqa: ASYNC109
+            return await self._upstream.create_token(
+                effective.namespace,
+                effective.service_account,
+                effective.token_request,
+                dry_run=bool(effective.dry_run),
+                field_manager=effective.field_manager,
+                field_validation=effective.field_validation,
+                # None (no gRPC deadline): the configured request timeout applies.
+                timeout=timeout,
+            )
+
+        if self._cache.cacheable(decision, effective):
+            cached = await self._cache.get_or_fetch(
+                CacheKey.for_request(identity, effective), fetch, timeout=context.time_remaining()
+            )
+            call.result = result = cached.result
+            call.cache_hit = cached.hit
+            annotate_call(cache="hit" if cached.hit else "miss")
+        else:
+            call.result = result = await fetch(context.time_remaining())
         return pb.CreateTokenResponse(
             token_request=result.token_request,
             warnings=[*decision.warnings, *result.warnings],

@@ -133,17 +133,31 @@ class RunningBroker:
 
 
 def broker_settings(
-    kube: KubernetesSettings, *, policy: Path = CORE_POLICY, **server: Any
+    kube: KubernetesSettings,
+    *,
+    policy: Path = CORE_POLICY,
+    cache: dict[str, Any] | None = None,
+    **server: Any,
 ) -> Settings:
     """Settings for a broker on 127.0.0.1:<free port>, plaintext unless TLS is given.
 
     Callers authenticate with CALLER_KEY (identity CALLER) or, on a unix socket, as
-    LOCAL_CALLER; `policy` decides (default: the permissive core-tests policy).
+    LOCAL_CALLER; `policy` decides (default: the permissive core-tests policy). The token
+    cache is off unless `cache` (its settings) is given: most tests count what reaches the
+    API server per call.
     """
     server.setdefault("listen", "127.0.0.1:0")
     if server["listen"] is not None and "tls" not in server:
         server.setdefault("allow_plaintext", True)
-    return load_settings(None, {"server": server, "kubernetes": kube, **access_config(policy)})
+    return load_settings(
+        None,
+        {
+            "server": server,
+            "kubernetes": kube,
+            "cache": cache if cache is not None else {"enabled": False},
+            **access_config(policy),
+        },
+    )
 
 
 def access_config(policy: Path = CORE_POLICY) -> dict[str, Any]:

@@ -497,6 +497,8 @@ async def make_broker(
                 },
                 "policy": {"file": str(policy_file), "reloadIntervalSeconds": reload_interval},
                 "audit": {"sink": "file", "file": str(audit), "failClosed": fail_closed},
+                # Every allowed call must reach the API server here (the cache has its own tests).
+                "cache": {"enabled": False},
             },
         )
         server = BrokerServer(settings)

@@ -10,11 +10,24 @@ import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from conftest import NAMESPACE, POD, SECRET, SERVICE_ACCOUNT, create_request
+from conftest import (
+    CALLER_KEY,
+    CORE_POLICY,
+    NAMESPACE,
+    POD,
+    SECRET,
+    SERVICE_ACCOUNT,
+    BearerCredential,
+    broker_settings,
+    call_error,
+    create_request,
+)
+from grpc import aio
 
 from broker.cache import (
     REFRESH_RETRY_SECONDS,
@@ -24,12 +37,20 @@ from broker.cache import (
     TokenCache,
     token_lifetime,
 )
-from broker.config import CacheSettings, ConfigError, load_settings
+from broker.config import (
+    AuditSettings,
+    CacheSettings,
+    ConfigError,
+    KubernetesSettings,
+    load_settings,
+)
 from broker.emulator import Emulator
 from broker.errors import BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
+from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 from broker.identity import Identity
 from broker.policy import Decision
+from broker.server import BrokerServer
 from broker.upstream import UpstreamClient, UpstreamResult
 
 ALICE = Identity(method="apiKey", name="alice")
@@ -667,3 +688,70 @@ def test_key_is_built_from_the_effective_request() -> None:
         expiration_seconds=600,
         bound_object=("Pod", "", POD, "u"),
     )
+
+
+# --- through the broker ---------------------------------------------------------------------
+
+
+async def test_broker_single_flight_and_policy_on_every_hit(
+    kubernetes_settings: KubernetesSettings, emulator: Emulator, tmp_path: Path
+) -> None:
+    """The real path with the cache on: concurrent identical calls make one API call; other
+    callers never share it; the policy still decides every request, hit or miss."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(CORE_POLICY.read_text())
+    audit = tmp_path / "audit.jsonl"
+    settings = broker_settings(kubernetes_settings, policy=policy, cache={"enabled": True})
+    settings = settings.model_copy(update={"audit": AuditSettings(sink="file", file=audit)})
+    emulator.faults.latency = 0.2  # the calls overlap on the one upstream call
+    async with BrokerServer(settings) as server:
+        async with aio.insecure_channel(
+            server.address, interceptors=[BearerCredential(CALLER_KEY)]
+        ) as channel:
+            stub = pb_grpc.TokenBrokerServiceStub(channel)
+            responses = await asyncio.gather(
+                *(stub.CreateToken(create_request(), timeout=20) for _ in range(50))
+            )
+            assert emulator.token_request_count == 1
+            tokens = {r.token_request.status.token for r in responses}
+            assert len(tokens) == 1
+            expirations = {r.token_request.status.expiration_timestamp.seconds for r in responses}
+            assert len(expirations) == 1
+            emulator.faults.latency = 0.0
+            hit = await stub.CreateToken(create_request(), timeout=10)
+            assert hit.token_request.status.token in tokens
+            # Another audience is another token.
+            await stub.CreateToken(create_request(audiences=["sts.example.com"]), timeout=10)
+            assert emulator.token_request_count == 2
+            # The policy changes: the cached grant is not served any more.
+            policy.write_text("rules: []\n")
+            assert await server.policy.reload()  # type: ignore[union-attr]
+            status = await call_error(stub, create_request())
+            assert status.code == grpc.StatusCode.PERMISSION_DENIED
+        assert emulator.token_request_count == 2
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert len(lines) == 53
+    # The 50 shared the one API call (its status, one jti); the later hit made none.
+    assert [line["upstreamStatus"] for line in lines[:51]] == [201] * 50 + [None]
+    assert {line["jti"] for line in lines[:51]} == {lines[0]["jti"]}
+    assert [line["reason"] for line in lines[51:]] == ["ALLOWED", "NO_MATCHING_RULE"]
+
+
+async def test_broker_callers_never_share_a_cached_token(
+    kubernetes_settings: KubernetesSettings, emulator: Emulator, tmp_path: Path
+) -> None:
+    sock = tmp_path / "b.sock"
+    settings = broker_settings(kubernetes_settings, cache={"enabled": True}, unix_socket=sock)
+    async with (
+        BrokerServer(settings) as server,
+        aio.insecure_channel(server.address, interceptors=[BearerCredential(CALLER_KEY)]) as tcp,
+        aio.insecure_channel(f"unix:{sock}") as local,
+    ):
+        by_key = pb_grpc.TokenBrokerServiceStub(tcp)
+        by_socket = pb_grpc.TokenBrokerServiceStub(local)
+        first = await by_key.CreateToken(create_request(), timeout=10)
+        second = await by_socket.CreateToken(create_request(), timeout=10)
+        again = await by_key.CreateToken(create_request(), timeout=10)
+    assert emulator.token_request_count == 2
+    assert first.token_request.status.token != second.token_request.status.token
+    assert again.token_request.status.token == first.token_request.status.token

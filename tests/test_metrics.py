@@ -32,7 +32,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker.config import KubernetesSettings, MetricsSettings
 from broker.emulator import Emulator
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
-from broker.metrics import CacheSnapshot
 from broker.server import SERVICE_NAME, BrokerServer
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -289,22 +288,32 @@ async def test_each_broker_has_its_own_registry(
         await other.stop(None)
 
 
-async def test_cache_and_rate_limit_metrics_are_fed_through_the_api(server: BrokerServer) -> None:
-    server.metrics.update_cache(CacheSnapshot(hits=5, misses=2, evictions=1, size=3))
+async def test_rate_limit_metrics_are_fed_through_the_api(server: BrokerServer) -> None:
     server.metrics.rate_limit_refused("caller")
     server.metrics.rate_limit_waited("global", 0.2)
     samples, _ = parse((await scrape(server))[1])
-    assert value(samples, "token_broker_cache_hits_total") == 5
-    assert value(samples, "token_broker_cache_misses_total") == 2
-    assert value(samples, "token_broker_cache_evictions_total") == 1
-    assert value(samples, "token_broker_cache_entries") == 3
     assert value(samples, "token_broker_rate_limit_refusals_total", scope="caller") == 1
     assert value(samples, "token_broker_rate_limit_wait_seconds_count", scope="global") == 1
-    # A live source is read at every scrape.
-    stats = CacheSnapshot(hits=7)
-    server.metrics.watch_cache(lambda: stats)
-    samples, _ = parse((await scrape(server))[1])
-    assert value(samples, "token_broker_cache_hits_total") == 7
+
+
+async def test_cache_metrics_follow_real_calls(
+    kubernetes_settings: KubernetesSettings, emulator: Emulator
+) -> None:
+    settings = broker_settings(kubernetes_settings, cache={"enabled": True})
+    async with (
+        BrokerServer(settings) as server,
+        aio.insecure_channel(server.address, interceptors=[BearerCredential(CALLER_KEY)]) as ch,
+    ):
+        stub = pb_grpc.TokenBrokerServiceStub(ch)
+        for _ in range(3):
+            await stub.CreateToken(create_request(), timeout=10)
+        await stub.CreateToken(create_request(dry_run=["All"]), timeout=10)  # never cached
+        samples, _ = parse((await scrape(server))[1])
+    assert emulator.token_request_count == 2
+    assert value(samples, "token_broker_cache_hits_total") == 2
+    assert value(samples, "token_broker_cache_misses_total") == 1
+    assert value(samples, "token_broker_cache_entries") == 1
+    assert value(samples, "token_broker_cache_evictions_total") == 0
 
 
 async def test_policy_reloads_are_read_from_the_store(

@@ -91,6 +91,9 @@ class CacheStats(Protocol):
     @property
     def size(self) -> int: ...
 
+    @property
+    def upstream_calls_saved(self) -> int: ...
+
 
 @dataclass(frozen=True)
 class CacheSnapshot:
@@ -98,6 +101,7 @@ class CacheSnapshot:
     misses: int = 0
     evictions: int = 0
     size: int = 0
+    upstream_calls_saved: int = 0
 
 
 class BrokerMetrics:
@@ -311,7 +315,9 @@ class BrokerMetrics:
 
     def update_cache(self, stats: CacheStats) -> None:
         """Set the cache statistics exported until the next update (cumulative counts)."""
-        self._state.cache = CacheSnapshot(stats.hits, stats.misses, stats.evictions, stats.size)
+        self._state.cache = CacheSnapshot(
+            stats.hits, stats.misses, stats.evictions, stats.size, stats.upstream_calls_saved
+        )
 
 
 class _StateCollector(Collector):
@@ -353,6 +359,12 @@ class _StateCollector(Collector):
             cache + "evictions", "Tokens evicted from the cache.", value=stats.evictions
         )
         yield GaugeMetricFamily(cache + "entries", "Tokens in the cache now.", value=stats.size)
+        yield CounterMetricFamily(
+            cache + "upstream_calls_saved",
+            "Token requests that made no API call of their own: hits, and requests that "
+            "joined an identical request's call (single flight).",
+            value=stats.upstream_calls_saved,
+        )
         if self.ready is not None:
             yield GaugeMetricFamily(
                 "token_broker_ready",

@@ -314,6 +314,7 @@ async def test_cache_metrics_follow_real_calls(
     assert value(samples, "token_broker_cache_misses_total") == 1
     assert value(samples, "token_broker_cache_entries") == 1
     assert value(samples, "token_broker_cache_evictions_total") == 0
+    assert value(samples, "token_broker_cache_upstream_calls_saved_total") == 2
 
 
 async def test_policy_reloads_are_read_from_the_store(

@@ -137,6 +137,26 @@ class _Call:
             )
 
 
+async def _answer_once(
+    call: _Call, info: CallInfo, context: Any, respond: Callable[[], Awaitable[Any]]
+) -> Any:
+    """Run a handler that answers with one message, and count its outcome."""
+    with _bound(info):
+        code = grpc.StatusCode.OK
+        try:
+            response = await respond()
+        except BaseException as exc:
+            code = _code_after_exception(exc, context)
+            raise
+        else:
+            code = _context_code(context) or grpc.StatusCode.OK
+            if code == grpc.StatusCode.OK:
+                call.sent()
+            return response
+        finally:
+            call.finish(code, info)
+
+
 def _code_after_exception(exc: BaseException, context: Any) -> grpc.StatusCode:
     code = _context_code(context)
     if code is not None:
@@ -232,20 +252,7 @@ class CallObserver(aio.ServerInterceptor):
             async def unary_unary(request: Any, context: Any) -> Any:
                 call, info = start(context)
                 call.received()
-                with _bound(info):
-                    code = grpc.StatusCode.OK
-                    try:
-                        response = await inner(request, context)
-                    except BaseException as exc:
-                        code = _code_after_exception(exc, context)
-                        raise
-                    else:
-                        code = _context_code(context) or grpc.StatusCode.OK
-                        if code == grpc.StatusCode.OK:
-                            call.sent()
-                        return response
-                    finally:
-                        call.finish(code, info)
+                return await _answer_once(call, info, context, lambda: inner(request, context))
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
 
@@ -256,20 +263,12 @@ class CallObserver(aio.ServerInterceptor):
 
             async def stream_unary(requests: Any, context: Any) -> Any:
                 call, info = start(context)
-                with _bound(info):
-                    code = grpc.StatusCode.OK
-                    try:
-                        response = await inner_su(_counting_iterator(requests, call), context)
-                    except BaseException as exc:
-                        code = _code_after_exception(exc, context)
-                        raise
-                    else:
-                        code = _context_code(context) or grpc.StatusCode.OK
-                        if code == grpc.StatusCode.OK:
-                            call.sent()
-                        return response
-                    finally:
-                        call.finish(code, info)
+                return await _answer_once(
+                    call,
+                    info,
+                    context,
+                    lambda: inner_su(_counting_iterator(requests, call), context),
+                )
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
 

@@ -130,6 +130,7 @@ async def upstream(kubernetes_settings: KubernetesSettings) -> AsyncIterator[Ups
 class RunningBroker:
     address: str
     upstream: UpstreamClient
+    server: BrokerServer
 
 
 def broker_settings(
@@ -190,7 +191,7 @@ async def broker(
     server = BrokerServer(broker_settings(kubernetes_settings), upstream=upstream)
     await server.start()
     try:
-        yield RunningBroker(address=server.address, upstream=upstream)
+        yield RunningBroker(address=server.address, upstream=upstream, server=server)
     finally:
         await server.stop(None)
 

@@ -7,7 +7,6 @@ upstream through the emulator's fault knobs) and then exact counter values and l
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from conftest import (
     LOCAL_CALLER,
     NAMESPACE,
     BearerCredential,
+    RunningBroker,
     broker_settings,
     call_error,
     create_request,
@@ -70,23 +70,8 @@ def series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], floa
 
 
 @pytest.fixture
-async def server(
-    kubernetes_settings: KubernetesSettings,
-) -> AsyncIterator[BrokerServer]:
-    srv = BrokerServer(broker_settings(kubernetes_settings))
-    await srv.start()
-    try:
-        yield srv
-    finally:
-        await srv.stop(None)
-
-
-@pytest.fixture
-async def stub(server: BrokerServer) -> AsyncIterator[pb_grpc.TokenBrokerServiceStub]:
-    async with aio.insecure_channel(
-        server.address, interceptors=[BearerCredential(CALLER_KEY)]
-    ) as channel:
-        yield pb_grpc.TokenBrokerServiceStub(channel)
+def server(broker: RunningBroker) -> BrokerServer:
+    return broker.server
 
 
 @pytest.mark.retry(max_attempts=4)

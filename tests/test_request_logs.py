@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,14 +16,14 @@ from conftest import (
     NAMESPACE,
     SERVICE_ACCOUNT,
     BearerCredential,
-    broker_settings,
+    RunningBroker,
     call_error,
     create_request,
 )
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from broker.config import KubernetesSettings, LogSettings
+from broker.config import LogSettings
 from broker.emulator import Emulator
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 from broker.logs import bind_request_id, current_request_id, setup_logging
@@ -53,21 +53,8 @@ def logs(restore_logging: None) -> io.StringIO:
 
 
 @pytest.fixture
-async def server(kubernetes_settings: KubernetesSettings) -> AsyncIterator[BrokerServer]:
-    srv = BrokerServer(broker_settings(kubernetes_settings))
-    await srv.start()
-    try:
-        yield srv
-    finally:
-        await srv.stop(None)
-
-
-@pytest.fixture
-async def stub(server: BrokerServer) -> AsyncIterator[pb_grpc.TokenBrokerServiceStub]:
-    async with aio.insecure_channel(
-        server.address, interceptors=[BearerCredential(CALLER_KEY)]
-    ) as channel:
-        yield pb_grpc.TokenBrokerServiceStub(channel)
+def server(broker: RunningBroker) -> BrokerServer:
+    return broker.server
 
 
 def entries(stream: io.StringIO) -> list[dict[str, Any]]:

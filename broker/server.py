@@ -40,10 +40,12 @@ from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 from broker.metrics import BrokerMetrics
 from broker.observe import CallObserver
 from broker.policy_reload import FixedPolicy, PolicyStore, open_policy
+from broker.ratelimit import RateLimiter
 from broker.readiness import Clock, KubernetesProber, Readiness, ReadyState
 from broker.service import TokenBrokerServicer
 from broker.tls import ServerTLSMaterial, load_tls_material_async
 from broker.upstream import UpstreamClient
+from broker.upstream_guard import UpstreamGuard
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +114,7 @@ class BrokerServer:
         self._policy_watch: asyncio.Task[None] | None = None
         self._audit: AuditLog | None = None
         self._cache: TokenCache | None = None
+        self._limiter: RateLimiter | None = None
 
     @property
     def address(self) -> str:
@@ -143,6 +146,12 @@ class BrokerServer:
         if self._prober is None:
             raise RuntimeError("server not started")
         return self._prober
+
+    @property
+    def limiter(self) -> RateLimiter:
+        if self._limiter is None:
+            raise RuntimeError("server not started")
+        return self._limiter
 
     @property
     def cache(self) -> TokenCache:
@@ -193,6 +202,10 @@ class BrokerServer:
                 fetch_timeout=self.settings.kubernetes.request_timeout_seconds,
             )
             self._cache.start()
+            self._limiter = RateLimiter.from_settings(self.settings.rate_limit)
+            self._limiter.add_observer(self.metrics)
+            guard = UpstreamGuard.from_settings(self.settings.rate_limit.upstream)
+            guard.add_observer(self.metrics)
             cache = self._cache
             self.metrics.watch_cache(lambda: cache.stats)
             self.readiness.policy_loaded()
@@ -205,6 +218,8 @@ class BrokerServer:
                     upstream=self._upstream,
                     audit=self._audit,
                     cache=self._cache,
+                    limiter=self._limiter,
+                    guard=guard,
                     metrics=self.metrics,
                 ),
                 server,
@@ -345,6 +360,9 @@ class BrokerServer:
             # Background refreshes end before the upstream client closes under them.
             await self._cache.close()
             self._cache = None
+        if self._limiter is not None:
+            await self._limiter.close()
+            self._limiter = None
         if self._audit is not None:
             await self._audit.close()
             self._audit = None

@@ -1,7 +1,8 @@
 """The TokenBrokerService servicer: wires the request-path concerns together.
 
 CreateToken = authenticate (authn.py) -> validate (validation.py) -> policy (policy.py)
--> upstream (upstream.py), then one audit line (audit.py) whatever happened. Each concern
+-> rate limits (ratelimit.py) -> cache (cache.py) -> upstream slot (upstream_guard.py)
+-> Kubernetes API (upstream.py), then one audit line (audit.py) whatever happened. Each concern
 lives in its own module; this one only orders them and turns failures into gRPC statuses.
 
 Authentication comes first so that an unauthenticated caller learns nothing but
@@ -34,8 +35,10 @@ from broker.logs import bind_request_id, current_request_id
 from broker.metrics import BrokerMetrics
 from broker.observe import annotate_call
 from broker.policy import Decision, Policy
+from broker.ratelimit import RateLimiter
 from broker.request_id import REQUEST_ID_METADATA_KEY, request_id_from
 from broker.upstream import UpstreamClient, UpstreamResult
+from broker.upstream_guard import UpstreamGuard
 from broker.validation import validate_create_token
 
 logger = logging.getLogger(__name__)
@@ -70,6 +73,8 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
         upstream: UpstreamClient,
         audit: AuditLog,
         cache: TokenCache,
+        limiter: RateLimiter,
+        guard: UpstreamGuard,
         metrics: BrokerMetrics | None = None,
     ) -> None:
         self._authenticator = authenticator
@@ -77,6 +82,8 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
         self._upstream = upstream
         self._audit = audit
         self._cache = cache
+        self._limiter = limiter
+        self._guard = guard
         self._metrics = metrics if metrics is not None else BrokerMetrics()
 
     async def CreateToken(
@@ -171,19 +178,37 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
         if not decision.allowed:
             raise decision.error()
         effective = decision.effective_request(request)
-        # Seam: rate limits go here, before the cache (they apply to hits too).
+        namespace, service_account = effective.namespace, effective.service_account
+        # Rate limits count every request, hits included: they protect the broker too.
+        await self._limiter.check(
+            identity,
+            namespace,
+            service_account,
+            rule=decision.rule,
+            override=decision.rate_limit,
+        )
 
         async def fetch(timeout: float | None) -> UpstreamResult:  # noqa: ASYNC109
-            return await self._upstream.create_token(
-                effective.namespace,
-                effective.service_account,
-                effective.token_request,
-                dry_run=bool(effective.dry_run),
-                field_manager=effective.field_manager,
-                field_validation=effective.field_validation,
-                # None (no gRPC deadline): the configured request timeout applies.
-                timeout=timeout,
-            )
+            # Only calls that reach the API server take a slot (cache misses).
+            started = time.monotonic()
+            async with self._guard.slot(namespace, service_account, timeout=timeout):
+                left = None if timeout is None else timeout - (time.monotonic() - started)
+                try:
+                    return await self._upstream.create_token(
+                        namespace,
+                        service_account,
+                        effective.token_request,
+                        dry_run=bool(effective.dry_run),
+                        field_manager=effective.field_manager,
+                        field_validation=effective.field_validation,
+                        # None (no gRPC deadline): the configured request timeout applies.
+                        timeout=left,
+                    )
+                except BrokerError as err:
+                    # A 429 that outlasted the retries: hold this target back for its
+                    # Retry-After instead of sending more.
+                    self._guard.record_error(namespace, service_account, err)
+                    raise
 
         if self._cache.cacheable(decision, effective):
             cached = await self._cache.get_or_fetch(

@@ -138,14 +138,15 @@ def broker_settings(
     *,
     policy: Path = CORE_POLICY,
     cache: dict[str, Any] | None = None,
+    rate_limit: dict[str, Any] | None = None,
     **server: Any,
 ) -> Settings:
     """Settings for a broker on 127.0.0.1:<free port>, plaintext unless TLS is given.
 
     Callers authenticate with CALLER_KEY (identity CALLER) or, on a unix socket, as
     LOCAL_CALLER; `policy` decides (default: the permissive core-tests policy). The token
-    cache is off unless `cache` (its settings) is given: most tests count what reaches the
-    API server per call.
+    cache and the rate limits are off unless their settings are given: most tests count what
+    reaches the API server per call, and some call in bursts.
     """
     server.setdefault("listen", "127.0.0.1:0")
     if server["listen"] is not None and "tls" not in server:
@@ -156,6 +157,7 @@ def broker_settings(
             "server": server,
             "kubernetes": kube,
             "cache": cache if cache is not None else {"enabled": False},
+            "rateLimit": rate_limit if rate_limit is not None else {"enabled": False},
             **access_config(policy),
         },
     )

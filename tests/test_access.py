@@ -499,6 +499,7 @@ async def make_broker(
                 "audit": {"sink": "file", "file": str(audit), "failClosed": fail_closed},
                 # Every allowed call must reach the API server here (the cache has its own tests).
                 "cache": {"enabled": False},
+                "rateLimit": {"enabled": False},
             },
         )
         server = BrokerServer(settings)

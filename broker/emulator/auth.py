@@ -1,14 +1,19 @@
 """Authentication (bearer tokens) and a small RBAC-like authorizer.
 
-A user is a bearer token mapped to a name and groups. Grants say which verbs a user (or group)
+A user is a bearer token mapped to a name and groups, or a service-account JWT this API server
+issued itself (`ServiceAccountTokenAuthenticator`). Grants say which verbs a user (or group)
 may use on which resources, in which namespaces, optionally only for some object names. Admin
 users, and members of `system:masters`, may do everything, as cluster-admin may.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 ALL = "*"
 ADMIN_GROUP = "system:masters"
@@ -131,3 +136,85 @@ class AccessControl:
         if user.is_admin:
             return True
         return any(g.matches(user, verb, resource, namespace, name) for g in self._grants)
+
+
+# go-jose's jwt.DefaultLeeway, which kube-apiserver's Validate uses for exp/nbf/iat.
+SERVICE_ACCOUNT_TOKEN_LEEWAY_SECONDS = 60
+
+
+class ObjectGone(Exception):
+    """A service account or bound object named by a token no longer exists (or its UID
+    changed): the token is invalid (kube-apiserver's validator says the same)."""
+
+
+class ServiceAccountTokenAuthenticator:
+    """Bearer JWTs this API server signed: kube-apiserver's service-account token
+    authenticator (`pkg/serviceaccount/jwt.go`, `claims.go`).
+
+    Valid when the signature verifies with the API server's key, `iss` is its issuer, `aud`
+    includes one of its API audiences, and `exp`/`nbf` hold (60 s leeway); then the objects the
+    private claims name must still exist with the same UIDs (`lookup`: the service account,
+    and the pod or secret a token is bound to). The user is
+    `system:serviceaccount:<namespace>:<name>` in `system:serviceaccounts`,
+    `system:serviceaccounts:<namespace>` and `system:authenticated`.
+    """
+
+    def __init__(
+        self,
+        *,
+        public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey,
+        algorithm: str,
+        issuer: str,
+        audiences: Sequence[str],
+        lookup: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """`lookup(claims)` raises ObjectGone when a named object is gone."""
+        self._key = public_key
+        self._algorithm = algorithm
+        self._issuer = issuer
+        self._audiences = frozenset(audiences)
+        self._lookup = lookup
+
+    def __repr__(self) -> str:
+        return f"ServiceAccountTokenAuthenticator(issuer={self._issuer!r})"
+
+    def authenticate(self, authorization: str | None) -> UserInfo | None:
+        """The service account of an `Authorization: Bearer <jwt>` header, or None (401)."""
+        if not authorization:
+            return None
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or token.count(".") != 2:
+            return None
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=[self._algorithm],
+                issuer=self._issuer,
+                leeway=SERVICE_ACCOUNT_TOKEN_LEEWAY_SECONDS,
+                options={"require": ["exp", "iss", "sub", "aud"], "verify_aud": False},
+            )
+        except jwt.PyJWTError:
+            return None
+        audiences = claims.get("aud")
+        if isinstance(audiences, str):
+            audiences = [audiences]
+        if not isinstance(audiences, list) or not self._audiences.intersection(audiences):
+            return None
+        private = claims.get("kubernetes.io")
+        if not isinstance(private, dict):
+            return None
+        namespace = private.get("namespace")
+        account = private.get("serviceaccount")
+        if not isinstance(namespace, str) or not isinstance(account, dict):
+            return None
+        name = f"system:serviceaccount:{namespace}:{account.get('name')}"
+        if claims.get("sub") != name:
+            return None
+        if self._lookup is not None:
+            try:
+                self._lookup(claims)
+            except ObjectGone:
+                return None
+        return UserInfo(name, _implicit_groups(name, ()))

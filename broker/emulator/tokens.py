@@ -88,6 +88,9 @@ class TokenSigner:
     def __repr__(self) -> str:
         return f"TokenSigner(algorithm={self.algorithm!r}, kid={self.kid!r})"
 
+    def public_key(self) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+        return self._key.public_key()
+
     def jwks(self) -> dict[str, Any]:
         """The JWK set, members in go-jose's order (use, kty, kid, crv, alg, x, y / n, e)."""
         public = self._key.public_key()

@@ -31,6 +31,7 @@ from pydantic import BaseModel
 
 from broker import config as broker_config
 from broker import policy_schema
+from broker.agent_config import parse_agent_config
 from broker.config import load_settings
 from broker.policy import Policy
 
@@ -781,6 +782,11 @@ def test_sidecar_example_is_valid_and_hardened() -> None:
         m["name"] for c in containers.values() if c is not agent for m in c["volumeMounts"]
     }
     assert any("emptyDir" in volumes[name] for name in shared)
+    # Its agent.yaml is one the agent accepts, writing where the app reads.
+    config = parse_agent_config(yaml.safe_load(one(docs, "ConfigMap")["data"]["agent.yaml"]))
+    [sink] = config.sinks
+    mounts = {m["mountPath"] for m in agent["volumeMounts"] if m["name"] in shared}
+    assert any(str(sink.path).startswith(path + "/") for path in mounts)
 
 
 def test_dockerfile_matches_the_chart() -> None:

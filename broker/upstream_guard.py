@@ -8,8 +8,9 @@
 - 429 feedback: when the API server answers 429 with Retry-After for a service account
   (`record_retry_after`, or `record_error` with the upstream BrokerError), requests for the
   same service account are refused at once during that window, without calling the API
-  server: UNAVAILABLE, reason UPSTREAM_THROTTLED, RetryInfo = the time left. Windows are
-  capped at `maxRetryAfterSeconds`, and expired ones are dropped.
+  server: UNAVAILABLE, reason UPSTREAM_THROTTLED, RetryInfo = the time left (calls that were
+  waiting for a slot when the 429 came are refused too). Windows are capped at
+  `maxRetryAfterSeconds`, and expired ones are dropped.
 
 Observers (`add_observer`; broker.metrics.BrokerMetrics is one) are told the time each call
 waited for its slot (`rate_limit_waited("upstream", seconds)`, 0 when a slot was free) and
@@ -206,7 +207,13 @@ class UpstreamGuard:
         past `maxWaitSeconds` or the deadline.
         """
         self.check_throttled(namespace, service_account)
-        await self._acquire(timeout)
+        if await self._acquire(timeout):
+            # A 429 for this target may have arrived while the call waited for its slot.
+            try:
+                self.check_throttled(namespace, service_account)
+            except BaseException:
+                self._slots.release()
+                raise
         self.stats.in_flight += 1
         try:
             yield
@@ -214,11 +221,12 @@ class UpstreamGuard:
             self.stats.in_flight -= 1
             self._slots.release()
 
-    async def _acquire(self, deadline_left: float | None) -> None:
+    async def _acquire(self, deadline_left: float | None) -> bool:
+        """Take a slot, or raise UPSTREAM_BUSY: True if the call had to wait for it."""
         if not self._slots.locked():
             await self._slots.acquire()  # free: returns at once
             self._waited(0.0)
-            return
+            return False
         budget = self._max_wait
         if deadline_left is not None:
             budget = min(budget, deadline_left - self._margin)
@@ -233,7 +241,7 @@ class UpstreamGuard:
                 pass
             else:
                 self._waited(loop.time() - started)
-                return
+                return True
             finally:
                 self.stats.waiting -= 1
         waited = loop.time() - started

@@ -229,6 +229,25 @@ async def test_retry_after_refuses_the_target_early() -> None:
     assert recorder.refusals == ["upstream_retry_after", "upstream_retry_after"]
 
 
+async def test_a_429_during_the_wait_refuses_the_waiting_call() -> None:
+    guard = UpstreamGuard(max_concurrent=1, max_wait_seconds=60)
+    holder = Holder(guard)
+    await holder.entered.wait()
+    waiter = Holder(guard)  # same service account, waiting for the slot
+    other = Holder(guard, "deployer")
+    await until(lambda: guard.stats.waiting == 2)
+    guard.record_retry_after(NS, SA, 30)  # the holder's call got a 429
+    await holder.done()
+    with pytest.raises(BrokerError) as info:
+        await waiter.task
+    assert info.value.reason == REASON_UPSTREAM_THROTTLED
+    assert not waiter.entered.is_set()
+    # It gave its slot back: the next waiter (another service account) gets it.
+    await other.entered.wait()
+    await other.done()
+    assert guard.stats.in_flight == 0 and guard.stats.throttled_refusals == 1
+
+
 async def test_retry_after_windows_extend_but_never_shrink_and_are_capped() -> None:
     clock = FakeClock()
     guard = UpstreamGuard(clock=clock, max_retry_after_seconds=30)

@@ -21,7 +21,7 @@ import importlib.metadata
 import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 import prometheus_client
@@ -67,6 +67,18 @@ class ReloadCounts(Protocol):
 
     @property
     def reload_failures(self) -> int: ...
+
+
+class RateLimitState(Protocol):
+    """What RateLimiter keeps (broker.ratelimit)."""
+
+    @property
+    def redis_available(self) -> bool | None: ...
+
+    def size(self) -> int: ...
+
+    @property
+    def stats(self) -> Any: ...
 
 
 class LostLines(Protocol):
@@ -212,7 +224,8 @@ class BrokerMetrics:
         )
         self.rate_limit_refusals = Counter(
             "token_broker_rate_limit_refusals",
-            "Calls refused (RESOURCE_EXHAUSTED) by a rate limiter, by its scope.",
+            "Calls refused by a rate limiter, by its scope: caller, serviceaccount, global "
+            "(RESOURCE_EXHAUSTED), upstream and upstream_retry_after (UNAVAILABLE).",
             ("scope",),
             registry=r,
         )
@@ -282,7 +295,8 @@ class BrokerMetrics:
         self.authentication_failures.labels(method, reason).inc()
 
     def rate_limit_refused(self, scope: str) -> None:
-        """A call refused by the `scope` limiter (e.g. global, caller, namespace)."""
+        """A call refused by the `scope` limiter (caller, serviceaccount, global, upstream,
+        upstream_retry_after)."""
         self.rate_limit_refusals.labels(scope).inc()
 
     def rate_limit_waited(self, scope: str, seconds: float) -> None:
@@ -302,6 +316,10 @@ class BrokerMetrics:
     def watch_policy(self, source: ReloadCounts | None) -> None:
         """Export the reload counters of this PolicyStore (None: a fixed policy, zeros)."""
         self._state.policy = source
+
+    def watch_rate_limiter(self, source: RateLimitState | None) -> None:
+        """Export the limiter's bucket count, Redis state and Redis failures at each scrape."""
+        self._state.rate_limiter = source
 
     def watch_audit(self, source: LostLines | None) -> None:
         self._state.audit = source
@@ -329,8 +347,33 @@ class _StateCollector(Collector):
         self.ready: Callable[[], bool] | None = None
         self.cache_source: Callable[[], CacheStats] | None = None
         self.cache = CacheSnapshot()
+        self.rate_limiter: RateLimitState | None = None
 
     def collect(self) -> Iterator[Metric]:
+        limiter = self.rate_limiter
+        if limiter is not None:
+            yield GaugeMetricFamily(
+                "token_broker_rate_limit_buckets",
+                "Rate-limit buckets held in this process's memory (idle ones are evicted).",
+                value=limiter.size(),
+            )
+            yield CounterMetricFamily(
+                "token_broker_rate_limit_redis_failures",
+                "Redis calls of the shared rate limiter that failed (connection, timeout, error).",
+                value=limiter.stats.redis_failures,
+            )
+            yield CounterMetricFamily(
+                "token_broker_rate_limit_local_checks",
+                "Calls limited locally because Redis was unavailable (onRedisUnavailable: local).",
+                value=limiter.stats.local_checks,
+            )
+            available = limiter.redis_available
+            if available is not None:
+                yield GaugeMetricFamily(
+                    "token_broker_rate_limit_redis_up",
+                    "1 while the shared rate limiter's Redis answers, else 0.",
+                    value=int(available),
+                )
         policy = self.policy
         yield CounterMetricFamily(
             "token_broker_policy_reloads",

@@ -281,6 +281,22 @@ async def test_rate_limit_metrics_are_fed_through_the_api(server: BrokerServer) 
     assert value(samples, "token_broker_rate_limit_wait_seconds_count", scope="global") == 1
 
 
+async def test_rate_limiter_state_is_exported(
+    kubernetes_settings: KubernetesSettings, emulator: Emulator
+) -> None:
+    limits = {"perCaller": {"rate": 1, "burst": 5}, "perServiceAccount": None, "global": None}
+    settings = broker_settings(kubernetes_settings, rate_limit=limits)
+    async with (
+        BrokerServer(settings) as server,
+        aio.insecure_channel(server.address, interceptors=[BearerCredential(CALLER_KEY)]) as ch,
+    ):
+        await pb_grpc.TokenBrokerServiceStub(ch).CreateToken(create_request(), timeout=10)
+        samples, _ = parse((await scrape(server))[1])
+    assert value(samples, "token_broker_rate_limit_buckets") == 1  # the caller's bucket
+    assert value(samples, "token_broker_rate_limit_redis_failures_total") == 0
+    assert ("token_broker_rate_limit_redis_up", frozenset()) not in samples  # memory backend
+
+
 async def test_cache_metrics_follow_real_calls(
     kubernetes_settings: KubernetesSettings, emulator: Emulator
 ) -> None:

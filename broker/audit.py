@@ -83,13 +83,33 @@ def token_fields(token: str) -> tuple[str | None, str | None]:
     """
     if not token:
         return None, None
-    fingerprint = hashlib.sha256(token.encode("utf-8")).hexdigest()[:FINGERPRINT_HEX_CHARS]
+    digest = hashlib.sha256(token.encode("utf-8")).digest()
+    fingerprint = digest.hex()[:FINGERPRINT_HEX_CHARS]
+    # Cache hits hand out the same token again and again, and decoding it costs more than
+    # the rest of the audit line: the jti is remembered by the token's SHA-256 (no token is
+    # kept), in a bounded table that is simply emptied when full.
+    try:
+        return _jti_by_digest[digest], fingerprint
+    except KeyError:
+        pass
+    jti = _decode_jti(token)
+    if len(_jti_by_digest) >= _JTI_MEMO_ENTRIES:
+        _jti_by_digest.clear()
+    _jti_by_digest[digest] = jti
+    return jti, fingerprint
+
+
+_JTI_MEMO_ENTRIES = 4096
+_jti_by_digest: dict[bytes, str | None] = {}
+
+
+def _decode_jti(token: str) -> str | None:
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
     except (jwt.PyJWTError, ValueError, TypeError):
-        return None, fingerprint
+        return None
     jti = claims.get("jti")
-    return (jti if isinstance(jti, str) and jti else None), fingerprint
+    return jti if isinstance(jti, str) and jti else None
 
 
 @dataclass(frozen=True)

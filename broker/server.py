@@ -55,13 +55,14 @@ HEALTH_SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full
 MAX_RECEIVE_MESSAGE_BYTES = 1024 * 1024
 
 
-def channel_options(settings: Settings) -> list[tuple[str, Any]]:
+def channel_options(settings: Settings, *, reuse_port: bool = False) -> list[tuple[str, Any]]:
     server = settings.server
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE_BYTES),
         # Linux defaults to SO_REUSEPORT, which lets a second broker bind the same port
         # silently and steal half the connections; a busy port must fail the start instead.
-        ("grpc.so_reuseport", 0),
+        # Only the worker processes of `serve --workers N` (broker.workers) share it.
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
     if server.max_connection_age_seconds is not None:
         # Long-lived HTTP/2 connections pin clients to one replica; age them out.
@@ -80,6 +81,8 @@ class BrokerServer:
 
     An upstream passed in belongs to the caller; one created by `start()` is closed by `stop()`.
     `clock` (monotonic seconds) drives readiness's "unreachable for how long" (tests).
+    `reuse_port`: bind the TCP listeners with SO_REUSEPORT, shared with the other workers of
+    `serve --workers N` (broker.workers); off otherwise, so a busy port fails the start.
     """
 
     def __init__(
@@ -88,8 +91,10 @@ class BrokerServer:
         *,
         upstream: UpstreamClient | None = None,
         clock: Clock | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.settings = settings
+        self._reuse_port = reuse_port
         self._upstream = upstream
         self._owns_upstream = upstream is None
         self.metrics = BrokerMetrics(settings.metrics)
@@ -181,7 +186,8 @@ class BrokerServer:
         if cfg.unix_socket is not None:
             await _remove_stale_socket(cfg.unix_socket)
         server = aio.server(
-            options=channel_options(self.settings), interceptors=[CallObserver(self.metrics)]
+            options=channel_options(self.settings, reuse_port=self._reuse_port),
+            interceptors=[CallObserver(self.metrics)],
         )
         try:
             # Each part checks its own settings; any failure stops the start (ConfigError).
@@ -204,6 +210,7 @@ class BrokerServer:
             self._cache.start()
             self._limiter = RateLimiter.from_settings(self.settings.rate_limit)
             self._limiter.add_observer(self.metrics)
+            self.metrics.watch_rate_limiter(self._limiter)
             guard = UpstreamGuard.from_settings(self.settings.rate_limit.upstream)
             guard.add_observer(self.metrics)
             cache = self._cache
@@ -310,7 +317,8 @@ class BrokerServer:
         # Its own observer: wrapped handlers are cached per server (never serve a method
         # of the main server here).
         health_server = aio.server(
-            options=[("grpc.so_reuseport", 0)], interceptors=[CallObserver(self.metrics)]
+            options=[("grpc.so_reuseport", int(self._reuse_port))],
+            interceptors=[CallObserver(self.metrics)],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, health_server)
         self._health_server = health_server

@@ -42,6 +42,7 @@ from pydantic.alias_generators import to_camel
 
 from broker.client import BOUND_OBJECT_KINDS, BoundObject, ClientConfig, RetryPolicy
 from broker.durations import parse_go_duration
+from broker.filemodes import check_file_mode, octal_file_mode
 
 # The API server refuses shorter tokens.
 MIN_DURATION_SECONDS = 600
@@ -154,18 +155,12 @@ class SinkConfig(_Section):
     @field_validator("mode", mode="before")
     @classmethod
     def _octal_mode(cls, value: object) -> object:
-        if isinstance(value, str):
-            try:
-                return int(value.removeprefix("0o"), 8)
-            except ValueError:
-                raise ValueError(f"{value!r} is not an octal file mode such as 0600") from None
-        return value
+        return octal_file_mode(value, "0600")
 
     @field_validator("mode")
     @classmethod
     def _mode_range(cls, value: int) -> int:
-        if not 0 <= value <= 0o777:
-            raise ValueError(f"{value} is not a file mode; write it in octal, e.g. 0600")
+        check_file_mode(value, "0600")
         if not value & 0o400:
             raise ValueError("the owner must be able to read the token (e.g. 0600)")
         return value

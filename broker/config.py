@@ -38,6 +38,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from broker.filemodes import check_file_mode, octal_file_mode
+
 ENV_PREFIX = "TOKEN_BROKER_"
 
 
@@ -83,20 +85,12 @@ class ServerSettings(_Section):
     @field_validator("unix_socket_mode", mode="before")
     @classmethod
     def _octal_mode(cls, value: object) -> object:
-        if isinstance(value, str):
-            try:
-                return int(value.removeprefix("0o"), 8)
-            except ValueError:
-                raise ValueError(f"{value!r} is not an octal file mode such as 0660") from None
-        return value
+        return octal_file_mode(value, "0660")
 
     @field_validator("unix_socket_mode")
     @classmethod
     def _mode_range(cls, value: int) -> int:
-        if not 0 <= value <= 0o777:
-            # YAML `660` is decimal 660 (0o1224): almost surely meant 0660.
-            raise ValueError(f"{value} is not a file mode; write it in octal, e.g. 0660")
-        return value
+        return check_file_mode(value, "0660")
 
     @model_validator(mode="after")
     def _some_listener(self) -> ServerSettings:

@@ -11,10 +11,12 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
+import pytest
 import trustme
 from conftest import CALLER_KEY
 
@@ -137,3 +139,23 @@ def issue(tmp_path: Path, name: str, *identities: str) -> Pki:
     key.write_bytes(leaf.private_key_pem.bytes())
     ca.cert_pem.write_to_path(str(ca_file))
     return Pki(ca, cert, key, ca_file)
+
+
+Spawn = Callable[..., Awaitable[Process]]
+
+
+@pytest.fixture
+async def spawn() -> AsyncIterator[Spawn]:
+    """Start `python -m broker ...` children; any still running at the end are killed
+    (workers of `serve --workers` stop on their own when their supervisor's stdin closes)."""
+    started: list[Process] = []
+
+    async def start(*args: str) -> Process:
+        started.append(await start_broker(*args))
+        return started[-1]
+
+    yield start
+    for process in started:
+        if process.proc.returncode is None:
+            process.proc.kill()
+            await process.proc.wait()

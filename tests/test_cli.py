@@ -11,12 +11,11 @@ import json
 import re
 import signal
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import yaml
-from cli_support import Process, claims, issue, run_cli, start_broker
+from cli_support import Process, Spawn, claims, issue, run_cli
 from conftest import (
     NAMESPACE,
     POD,
@@ -269,24 +268,6 @@ async def test_serve_process_refuses_plaintext_on_all_interfaces(kubeconfig: Pat
     assert rc == 2
     assert "plaintext" in err
     assert "Traceback" not in err
-
-
-Spawn = Callable[..., Awaitable[Process]]
-
-
-@pytest.fixture
-async def spawn() -> AsyncIterator[Spawn]:
-    started: list[Process] = []
-
-    async def start(*args: str) -> Process:
-        started.append(await start_broker(*args))
-        return started[-1]
-
-    yield start
-    for process in started:
-        if process.proc.returncode is None:
-            process.proc.kill()
-            await process.proc.wait()
 
 
 async def test_serve_process_serves_then_exits_cleanly_on_sigterm(

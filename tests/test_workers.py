@@ -12,13 +12,13 @@ import json
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from cli_support import Process, run_cli, start_broker
+from cli_support import Process, Spawn, run_cli
 from conftest import CALLER_KEY, BearerCredential, access_config, create_request
 from grpc import aio
 
@@ -26,29 +26,11 @@ from broker.config import ConfigError, load_settings
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 from broker.workers import check_workers, worker_settings
 
-Spawn = Callable[..., Awaitable[Process]]
-
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-async def spawn() -> AsyncIterator[Spawn]:
-    started: list[Process] = []
-
-    async def start(*args: str) -> Process:
-        started.append(await start_broker(*args))
-        return started[-1]
-
-    yield start
-    for process in started:
-        if process.proc.returncode is None:
-            # Workers stop on their own when the supervisor's end of their stdin closes.
-            process.proc.kill()
-            await process.proc.wait()
 
 
 def write_config(tmp_path: Path, kubeconfig: Path, port: int, **server: Any) -> Path:

@@ -36,7 +36,7 @@ import grpc
 from grpc import aio
 
 from broker.logs import bind_request_id
-from broker.metrics import BrokerMetrics
+from broker.metrics import BrokerMetrics, GrpcMethodMetrics
 from broker.request_id import request_id_from
 
 access_logger = logging.getLogger("broker.access")
@@ -99,24 +99,23 @@ def _grpc_type(handler: Handler) -> str:
 class _Call:
     """One call's bookkeeping."""
 
-    def __init__(self, metrics: BrokerMetrics, grpc_type: str, service: str, method: str) -> None:
+    def __init__(self, metrics: GrpcMethodMetrics, service: str, method: str) -> None:
         self.metrics = metrics
-        self.labels = (grpc_type, service, method)
         self.service = service
         self.method = method
         self.started = time.monotonic()
-        metrics.grpc_started.labels(*self.labels).inc()
+        metrics.started.inc()
 
     def received(self) -> None:
-        self.metrics.grpc_msg_received.labels(*self.labels).inc()
+        self.metrics.msg_received.inc()
 
     def sent(self) -> None:
-        self.metrics.grpc_msg_sent.labels(*self.labels).inc()
+        self.metrics.msg_sent.inc()
 
     def finish(self, code: grpc.StatusCode, info: CallInfo) -> None:
         elapsed = time.monotonic() - self.started
-        self.metrics.grpc_handled.labels(*self.labels, code.name).inc()
-        self.metrics.grpc_handling_seconds.labels(*self.labels).observe(elapsed)
+        self.metrics.handled[code].inc()
+        self.metrics.handling_seconds.observe(elapsed)
         level = logging.INFO if self.service in ACCESS_LOG_SERVICES else logging.DEBUG
         if access_logger.isEnabledFor(level):
             access_logger.log(
@@ -233,14 +232,14 @@ class CallObserver(aio.ServerInterceptor):
 
     def wrap(self, handler: Handler, service: str, method: str) -> Handler:
         grpc_type = _grpc_type(handler)
-        metrics = self._metrics
+        metrics = self._metrics.grpc_method(grpc_type, service, method)
         kwargs = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
 
         def start(context: Any) -> tuple[_Call, CallInfo]:
-            call = _Call(metrics, grpc_type, service, method)
+            call = _Call(metrics, service, method)
             info = CallInfo(request_id_from(context.invocation_metadata()))
             return call, info
 

@@ -231,7 +231,7 @@ class BrokerServer:
                 ),
                 server,
             )
-            self.metrics.init_grpc_method("unary", SERVICE_NAME, "CreateToken")
+            self.metrics.grpc_method("unary", SERVICE_NAME, "CreateToken")
             self._health = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
             # The first probe sets the health statuses: SERVING once the API server answered.

@@ -462,6 +462,49 @@ async def test_torn_line_does_not_swallow_the_next(
     assert json.loads(whole)["requestID"] == "whole"
 
 
+class FailingLines(io.StringIO):
+    """A stream that refuses the lines of some requests (ENOSPC) and takes the others."""
+
+    def __init__(self, refused: set[str]) -> None:
+        super().__init__()
+        self.refused = refused
+
+    def write(self, s: str) -> int:
+        if json.loads(s)["requestID"] in self.refused:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(s)
+
+
+async def test_concurrent_lines_each_have_their_own_outcome() -> None:
+    # Written together (one trip to the writer thread), but a caller is only refused when
+    # its own line was not written.
+    refused = {f"req-{i}" for i in range(0, 60, 7)}
+    stream = FailingLines(refused)
+    async with AuditLog(stream, fail_closed=True) as log:
+        outcomes = await asyncio.gather(
+            *(log.write(record(request_id=f"req-{i}")) for i in range(60)),
+            return_exceptions=True,
+        )
+    failed = {f"req-{i}" for i, outcome in enumerate(outcomes) if outcome is not None}
+    assert failed == refused
+    assert all(isinstance(outcomes[int(r[4:])], AuditWriteError) for r in refused)
+    written = [json.loads(x)["requestID"] for x in stream.getvalue().splitlines()]
+    assert written == [f"req-{i}" for i in range(60) if f"req-{i}" not in refused]  # in order
+
+
+async def test_a_cancelled_caller_s_line_is_still_written() -> None:
+    stream = io.StringIO()
+    async with AuditLog(stream, fail_closed=True) as log:
+        waiting = asyncio.create_task(log.write(record(request_id="gone")))
+        await asyncio.sleep(0)  # queued
+        waiting.cancel()
+        await log.write(record(request_id="next"))
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+    written = [json.loads(x)["requestID"] for x in stream.getvalue().splitlines()]
+    assert written == ["gone", "next"]
+
+
 async def test_write_after_close() -> None:
     log = AuditLog(io.StringIO(), fail_closed=True)
     await log.close()

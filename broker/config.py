@@ -76,7 +76,11 @@ class ServerSettings(_Section):
     # host:port of a plaintext listener serving only grpc.health.v1, for kubelet gRPC probes
     # (they cannot speak TLS). No tokens are served there, so any address is allowed.
     health_listen: str | None = None
-    # How long in-flight calls may run after SIGTERM before they are cancelled.
+    # After SIGTERM, keep serving this long while not ready (health NOT_SERVING, /readyz 503)
+    # before the listeners close: Kubernetes removes a terminating pod from its endpoints at
+    # the same time as it signals it, so new connections may still arrive for a few seconds.
+    shutdown_delay_seconds: float = Field(default=0.0, ge=0)
+    # How long in-flight calls may run after the listeners close before they are cancelled.
     shutdown_grace_seconds: float = Field(default=15.0, ge=0)
     # Close connections after this age so clients rebalance across replicas.
     max_connection_age_seconds: float | None = Field(default=300.0, gt=0)

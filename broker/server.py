@@ -333,10 +333,7 @@ class BrokerServer:
             return
         self._stopped = True
         logger.info("shutting down", extra={"grace_seconds": grace})
-        # Probes and load balancers see NOT_SERVING (and /readyz 503) before the listeners
-        # go away.
-        self.readiness.shutting_down()
-        await self._health.enter_graceful_shutdown()
+        await self.leave_rotation()
         await self._server.stop(grace)
         if self._health_server is not None:
             # Up until the main server is done, so probes saw NOT_SERVING all along.
@@ -348,6 +345,13 @@ class BrokerServer:
             with contextlib.suppress(FileNotFoundError):
                 await asyncio.to_thread(self._unix_socket.unlink)
         logger.info("stopped")
+
+    async def leave_rotation(self) -> None:
+        """Not ready from now on: probes and load balancers see NOT_SERVING (and /readyz
+        503), while calls are still served. The first step of a stop."""
+        self.readiness.shutting_down()
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
 
     async def _close_parts(self) -> None:
         # After the last call has finished: every call's audit line is written.
@@ -455,9 +459,11 @@ async def run_server(settings: Settings) -> int:
 
 
 async def serve_until_signal(server: BrokerServer) -> None:
-    """Wait for SIGTERM/SIGINT (or the server ending), then stop with the configured grace.
+    """Wait for SIGTERM/SIGINT (or the server ending), then stop: not ready at once, serving
+    on for `server.shutdownDelaySeconds`, then the graceful stop with `shutdownGraceSeconds`.
 
-    A second signal during the grace period cancels the calls still in flight.
+    A second signal, during the delay or the grace period, cancels the calls in flight and
+    stops at once.
     """
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
@@ -483,6 +489,16 @@ async def serve_until_signal(server: BrokerServer) -> None:
     requested = asyncio.ensure_future(stop_requested.wait())
     try:
         await asyncio.wait({terminated, requested}, return_when=asyncio.FIRST_COMPLETED)
+        delay = server.settings.server.shutdown_delay_seconds
+        if requested.done() and delay > 0:
+            await server.leave_rotation()
+            logger.info(
+                "not ready; serving on for %gs before closing the listeners",
+                delay,
+                extra={"delay_seconds": delay},
+            )
+            # A second signal stops the server (stop_now), which ends the wait early.
+            await asyncio.wait({terminated}, timeout=delay)
         await server.stop(server.settings.server.shutdown_grace_seconds)
     finally:
         requested.cancel()

@@ -20,8 +20,9 @@ What is shared and what is not:
 - `server.unixSocket` is refused: a socket file has one listener.
 
 Signals: SIGTERM/SIGINT to the supervisor are forwarded (as SIGTERM) to every worker, which
-drains within `server.shutdownGraceSeconds`; a second one is forwarded too and cancels the
-calls still in flight. SIGHUP is forwarded (policy reload). Workers run in their own session,
+stops as `serve` does (not ready, serving on for `server.shutdownDelaySeconds`, then draining
+within `server.shutdownGraceSeconds`); a second one is forwarded too and cancels the calls
+still in flight. SIGHUP is forwarded (policy reload). Workers run in their own session,
 so a terminal's Ctrl-C reaches them only through the supervisor, once. A worker whose
 supervisor disappears (its stdin closes) stops as if sent SIGTERM.
 

@@ -13,6 +13,7 @@ import signal
 import tempfile
 from pathlib import Path
 
+import aiohttp
 import pytest
 import yaml
 from cli_support import Process, Spawn, claims, issue, run_cli
@@ -24,11 +25,13 @@ from conftest import (
     access_config,
     broker_settings,
 )
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker.cli import build_parser, main, parse_go_duration, serve_overrides
 from broker.config import KubernetesSettings, load_settings
 from broker.emulator import Emulator
-from broker.server import BrokerServer
+from broker.server import SERVICE_NAME, BrokerServer
 
 # --- token ------------------------------------------------------------------------------------
 
@@ -337,3 +340,91 @@ async def test_serve_process_second_sigterm_cancels_in_flight_calls(
     assert rc == 1
     assert "UNAVAILABLE" in err or "CANCELLED" in err
     assert any("cancelling in-flight calls" in line for line in process.stderr)
+
+
+async def readyz(admin_listen: str) -> tuple[int, str]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://{admin_listen}/readyz") as response,
+    ):
+        return response.status, await response.text()
+
+
+async def health_status(address: str) -> set[int]:
+    """The gRPC health statuses of "" and the broker's service, on a new connection."""
+    async with aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return {
+            (await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)).status
+            for name in ("", SERVICE_NAME)
+        }
+
+
+def shutdown_config(tmp_path: Path, kubeconfig: Path, delay: float) -> Path:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": {
+                    "listen": "127.0.0.1:0",
+                    "allowPlaintext": True,
+                    "shutdownDelaySeconds": delay,
+                },
+                "kubernetes": {"mode": "kubeconfig", "kubeconfig": str(kubeconfig)},
+                **access_config(),
+                "log": {"format": "json"},
+            }
+        )
+    )
+    return config
+
+
+async def test_serve_process_shutdown_delay_serves_on_while_not_ready(
+    spawn: Spawn, kubeconfig: Path, tmp_path: Path
+) -> None:
+    # Far longer than the test's safety timeouts: only the second signal ends the delay.
+    process = await spawn("serve", "--config", str(shutdown_config(tmp_path, kubeconfig, 3600)))
+    ready = json.loads(process.stderr[await process.wait_for("serving", stream="stderr")])
+    address, admin = ready["listen"], ready["admin_listen"]
+    for _ in range(600):  # until the first probe has made it ready (bounded)
+        if (await readyz(admin))[0] == 200:
+            break
+        await asyncio.sleep(0.05)
+    assert await health_status(address) == {health_pb2.HealthCheckResponse.SERVING}
+
+    process.proc.send_signal(signal.SIGTERM)
+    await process.wait_for("not ready; serving on for 3600s", stream="stderr")
+    # Out of rotation: probes and load balancers see it at once...
+    assert await readyz(admin) == (503, "not ready: shutting down\n")
+    assert await health_status(address) == {health_pb2.HealthCheckResponse.NOT_SERVING}
+    # ...yet a caller still routed here on a new connection is served.
+    rc, out, err = await run_cli(
+        "token", SERVICE_ACCOUNT, "-n", NAMESPACE, "--server", address, "--plaintext"
+    )
+    assert rc == 0, err
+    assert claims(out)["sub"] == f"system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNT}"
+    messages = [json.loads(line)["message"] for line in process.stderr if line.startswith("{")]
+    assert "shutting down" not in messages  # the listeners are open still
+
+    assert await process.terminate() == 0  # the second SIGTERM ends the delay
+    messages = [json.loads(line)["message"] for line in process.stderr if line.startswith("{")]
+    assert "second SIGTERM: cancelling in-flight calls" in messages
+    assert messages.index("shutting down") < messages.index("stopped")
+
+
+async def test_serve_process_shutdown_delay_then_graceful_stop(
+    spawn: Spawn, kubeconfig: Path, tmp_path: Path
+) -> None:
+    process = await spawn("serve", "--config", str(shutdown_config(tmp_path, kubeconfig, 0.2)))
+    await process.wait_for("serving", stream="stderr")
+    process.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(process.proc.wait(), 60) == 0
+    await asyncio.gather(*process._readers)
+    messages = [json.loads(line)["message"] for line in process.stderr if line.startswith("{")]
+    steps = [
+        "received SIGTERM",
+        "not ready; serving on for 0.2s before closing the listeners",
+        "shutting down",
+        "stopped",
+    ]
+    assert [m for m in messages if m in steps] == steps

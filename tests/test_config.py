@@ -109,6 +109,15 @@ def test_bad_value_is_named_in_yaml_spelling(tmp_path: Path) -> None:
         load_settings(path)
 
 
+def test_shutdown_delay_defaults_to_none_and_is_not_negative(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, "{}\n")).server.shutdown_delay_seconds == 0
+    path = write(tmp_path, "server:\n  shutdownDelaySeconds: 2.5\n")
+    assert load_settings(path).server.shutdown_delay_seconds == 2.5
+    path = write(tmp_path, "server:\n  shutdownDelaySeconds: -1\n")
+    with pytest.raises(ConfigError, match=r"server\.shutdownDelaySeconds"):
+        load_settings(path)
+
+
 def test_bad_environment_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TOKEN_BROKER_LOG__LEVEL", "loud")
     with pytest.raises(ConfigError) as info:

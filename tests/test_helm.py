@@ -566,6 +566,16 @@ def test_production_config_says_what_the_values_say() -> None:
     assert volumes["redis-password"]["secret"]["items"] == [{"key": "password", "path": "password"}]
 
 
+def test_pods_leave_the_endpoints_before_the_listeners_close() -> None:
+    # The chart's default: serve on (not ready) after SIGTERM while the endpoint goes away,
+    # then drain, all within the pod's termination grace period.
+    docs = render({})
+    settings = load_settings_from(docs)
+    assert settings.server.shutdown_delay_seconds == 5
+    assert settings.server.shutdown_grace_seconds == 15
+    assert broker_pod(docs)["spec"]["terminationGracePeriodSeconds"] == 30
+
+
 def test_a_rate_limit_scope_set_to_false_is_unlimited() -> None:
     settings = load_settings_from(render(VALUE_SETS["secret-tls-mtls-redis"]))
     assert settings.rate_limit.per_caller is None
@@ -677,7 +687,16 @@ def test_schema_rejects_bad_values_with_a_clear_message(
         ({"authentication": {"mtls": {"enabled": True}}}, "authentication.mtls.enabled needs"),
         ({"rateLimit": {"backend": "redis"}}, "rateLimit.redis.address (host:port) is required"),
         ({"tls": {"certManager": {"enabled": True}}}, "tls.certManager.issuerRef.name is required"),
-        ({"terminationGracePeriodSeconds": 10}, "must be longer than server.shutdownGraceSeconds"),
+        (
+            {"terminationGracePeriodSeconds": 10},
+            "(10) must be longer than server.shutdownDelaySeconds + server.shutdownGraceSeconds "
+            "(20)",
+        ),
+        # Longer than the grace alone is not enough: the delay comes first.
+        (
+            {"terminationGracePeriodSeconds": 20, "server": {"shutdownGraceSeconds": 15}},
+            "(20) must be longer than server.shutdownDelaySeconds + server.shutdownGraceSeconds",
+        ),
     ],
 )
 def test_inconsistent_values_fail_with_a_clear_message(

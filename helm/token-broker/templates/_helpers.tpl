@@ -87,8 +87,9 @@ a change rolls the pods; the policy is a separate file the broker reloads by its
 {{- $secrets := include "token-broker.secretsDir" . -}}
 {{- $addr := $v.listenAddress -}}
 {{- if contains ":" $addr -}}{{- $addr = printf "[%s]" $addr -}}{{- end -}}
-{{- if le (float64 $v.terminationGracePeriodSeconds) (float64 $v.server.shutdownGraceSeconds) -}}
-{{- fail (printf "token-broker: terminationGracePeriodSeconds (%v) must be longer than server.shutdownGraceSeconds (%v), or the kubelet kills calls still draining" $v.terminationGracePeriodSeconds $v.server.shutdownGraceSeconds) -}}
+{{- $stopping := addf (float64 ($v.server.shutdownDelaySeconds | default 0)) (float64 $v.server.shutdownGraceSeconds) -}}
+{{- if le (float64 $v.terminationGracePeriodSeconds) $stopping -}}
+{{- fail (printf "token-broker: terminationGracePeriodSeconds (%v) must be longer than server.shutdownDelaySeconds + server.shutdownGraceSeconds (%v), or the kubelet kills calls still draining" $v.terminationGracePeriodSeconds $stopping) -}}
 {{- end -}}
 {{- $tls := dict "certFile" (printf "%s/tls/tls.crt" $secrets) "keyFile" (printf "%s/tls/tls.key" $secrets) -}}
 {{- if include "token-broker.clientCAEnabled" . -}}

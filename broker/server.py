@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -453,22 +454,48 @@ async def run_server(settings: Settings) -> int:
     Raises ConfigError when the server cannot start (bad TLS files, busy port, ...).
     """
     server = BrokerServer(settings)
-    await server.start()
-    await serve_until_signal(server)
+    with stop_signals_while_starting() as stop_requested:
+        await server.start()
+        await serve_until_signal(server, stop_requested)
     return 0
 
 
-async def serve_until_signal(server: BrokerServer) -> None:
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_signals_while_starting() -> Iterator[asyncio.Event]:
+    """SIGTERM/SIGINT handlers for a server's start: a signal then is remembered in the
+    event (pass it to `serve_until_signal`, which stops at once), not fatal. Without them a
+    signal in the instant between the listeners opening and `serve_until_signal` would kill
+    the process with the calls it had already accepted."""
+    loop = asyncio.get_running_loop()
+    requested = asyncio.Event()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, requested.set)
+    try:
+        yield requested
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+async def serve_until_signal(
+    server: BrokerServer, stop_requested: asyncio.Event | None = None
+) -> None:
     """Wait for SIGTERM/SIGINT (or the server ending), then stop: not ready at once, serving
     on for `server.shutdownDelaySeconds`, then the graceful stop with `shutdownGraceSeconds`.
 
     A second signal, during the delay or the grace period, cancels the calls in flight and
-    stops at once.
+    stops at once. `stop_requested`: from `stop_signals_while_starting`; already set (a
+    signal came while the server started), the server stops without the delay.
     """
     loop = asyncio.get_running_loop()
-    stop_requested = asyncio.Event()
+    if stop_requested is None:
+        stop_requested = asyncio.Event()
+    signalled_while_starting = stop_requested.is_set()
     background: set[asyncio.Task[None]] = set()
-    signals = (signal.SIGTERM, signal.SIGINT)
+    signals = STOP_SIGNALS
 
     def on_signal(sig: signal.Signals) -> None:
         if stop_requested.is_set():
@@ -490,7 +517,7 @@ async def serve_until_signal(server: BrokerServer) -> None:
     try:
         await asyncio.wait({terminated, requested}, return_when=asyncio.FIRST_COMPLETED)
         delay = server.settings.server.shutdown_delay_seconds
-        if requested.done() and delay > 0:
+        if requested.done() and delay > 0 and not signalled_while_starting:
             await server.leave_rotation()
             logger.info(
                 "not ready; serving on for %gs before closing the listeners",

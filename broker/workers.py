@@ -303,21 +303,14 @@ def _watch_supervisor() -> None:
 
 
 async def _serve_worker(settings: Settings, early: list[int]) -> int:
-    from broker.server import BrokerServer, serve_until_signal
+    from broker.server import BrokerServer, serve_until_signal, stop_signals_while_starting
 
-    loop = asyncio.get_running_loop()
-    requested = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        # Until serve_until_signal takes over: a stop asked for while starting.
-        loop.add_signal_handler(sig, requested.set)
-    if early:
-        requested.set()
-    server = BrokerServer(settings, reuse_port=True)
-    await server.start()
-    if requested.is_set():
-        await server.stop(settings.server.shutdown_grace_seconds)
-        return 0
-    await serve_until_signal(server)
+    with stop_signals_while_starting() as stop_requested:
+        if early:
+            stop_requested.set()
+        server = BrokerServer(settings, reuse_port=True)
+        await server.start()
+        await serve_until_signal(server, stop_requested)
     return 0
 
 

@@ -40,10 +40,17 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from grpc import aio
 
-from broker.authn_apikeys import ApiKeyStore, generate_api_key, hash_api_key
+from broker.authn_apikeys import (
+    ApiKeyStore,
+    FixedApiKeys,
+    generate_api_key,
+    hash_api_key,
+    open_api_keys,
+)
 from broker.authn_jwt import JwtRejected, JwtVerifier, looks_like_jwt
 from broker.config import AuthenticationSettings, ConfigError, ServerSettings
 from broker.errors import BrokerError
+from broker.file_reload import ReloadingFiles
 from broker.identity import AuthMethod, Identity
 
 __all__ = [
@@ -113,8 +120,14 @@ class Authenticator:
         self.settings = settings
         self._mtls = settings.mtls.enabled
         self._unix_identity = settings.unix_socket.identity
-        self._api_keys: ApiKeyStore | None = None
-        self._jwt = JwtVerifier(settings.jwt, clock=clock) if settings.jwt.issuers else None
+        self._api_keys: FixedApiKeys | ReloadingFiles[ApiKeyStore] | None = None
+        self._jwt = (
+            JwtVerifier(
+                settings.jwt, clock=clock, reload_interval_seconds=settings.reload_interval_seconds
+            )
+            if settings.jwt.issuers
+            else None
+        )
         self._started = False
 
     @classmethod
@@ -160,12 +173,24 @@ class Authenticator:
         if self._started:
             return
         if "apiKey" in self.methods:
-            self._api_keys = await ApiKeyStore.load(self.settings.api_keys)
+            self._api_keys = await open_api_keys(
+                self.settings.api_keys,
+                reload_interval_seconds=self.settings.reload_interval_seconds,
+            )
         if self._jwt is not None:
             await self._jwt.start()
         self._started = True
         if not self.methods:
             logger.warning("no authentication method is configured: every call is refused")
+
+    def reloading_files(self) -> list[ReloadingFiles[Any]]:
+        """The key files followed while serving (the API key file, JWKS files)."""
+        files: list[ReloadingFiles[Any]] = []
+        if isinstance(self._api_keys, ReloadingFiles):
+            files.append(self._api_keys)
+        if self._jwt is not None:
+            files.extend(self._jwt.jwks_files)
+        return files
 
     async def close(self) -> None:
         if self._jwt is not None:
@@ -243,7 +268,7 @@ class Authenticator:
                 raise _Refused("jwt", exc.detail, exc.fields) from None
         if self._api_keys is None:
             raise _Refused("apiKey", "API key presented but API keys are not configured")
-        name = self._api_keys.lookup(bearer.value)
+        name = self._api_keys.current.lookup(bearer.value)
         if name is None:
             raise _Refused("apiKey", "unknown API key")
         return Identity(method="apiKey", name=name)

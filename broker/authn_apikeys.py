@@ -12,17 +12,21 @@ The presented key's hash is compared with every configured hash in constant time
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
+import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from broker.config import ApiKeyEntry, ApiKeySettings, ConfigError, check_unique_api_keys
+from broker.file_reload import DEFAULT_RELOAD_INTERVAL_SECONDS, ReloadingFiles
+
+logger = logging.getLogger(__name__)
 
 
 def hash_api_key(key: str) -> str:
@@ -35,30 +39,30 @@ def generate_api_key() -> str:
     return "tbk_" + secrets.token_urlsafe(32)
 
 
+FILE_KEY = "authentication.apiKeys.file"
+
+
 class _ApiKeyFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     keys: tuple[ApiKeyEntry, ...] = ()
 
 
-def read_api_key_file(path: Path) -> tuple[ApiKeyEntry, ...]:
-    """Parse a key file (blocking). Errors name the file and entry, never quote a value."""
-    key = "authentication.apiKeys.file"
+def parse_api_key_file(data: bytes, path: Path) -> tuple[ApiKeyEntry, ...]:
+    """A key file's entries. Errors name the file and entry, never quote a value."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+        parsed = yaml.safe_load(data.decode("utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError):
-        raise ConfigError(f"{key}: {path} is not valid YAML") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{key}: {path} must hold a mapping with a `keys` list")
+        raise ConfigError(f"{FILE_KEY}: {path} is not valid YAML") from None
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"{FILE_KEY}: {path} must hold a mapping with a `keys` list")
     try:
-        entries = _ApiKeyFile.model_validate(data).keys
+        entries = _ApiKeyFile.model_validate(parsed).keys
     except ValidationError as exc:
         problems = "; ".join(
             ".".join(str(p) for p in err["loc"]) + ": " + err["msg"] for err in exc.errors()
         )
-        raise ConfigError(f"{key}: {path}: {problems}") from None
+        raise ConfigError(f"{FILE_KEY}: {path}: {problems}") from None
     return entries
 
 
@@ -72,14 +76,6 @@ class ApiKeyStore:
         except ValueError as exc:
             raise ConfigError(f"authentication.apiKeys: {exc}") from None
         self._entries = tuple((e.name, bytes.fromhex(e.sha256)) for e in entries)
-
-    @classmethod
-    async def load(cls, settings: ApiKeySettings) -> ApiKeyStore:
-        """Inline keys plus the key file's (read off the event loop)."""
-        entries = list(settings.keys)
-        if settings.file is not None:
-            entries += await asyncio.to_thread(read_api_key_file, settings.file)
-        return cls(entries)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -95,3 +91,35 @@ class ApiKeyStore:
             if hmac.compare_digest(digest, expected) and found is None:
                 found = name
         return found
+
+
+@dataclass(frozen=True)
+class FixedApiKeys:
+    """Inline keys only (`authentication.apiKeys.keys`): nothing to reload."""
+
+    current: ApiKeyStore
+
+
+async def open_api_keys(
+    settings: ApiKeySettings, *, reload_interval_seconds: float = DEFAULT_RELOAD_INTERVAL_SECONDS
+) -> FixedApiKeys | ReloadingFiles[ApiKeyStore]:
+    """The inline keys, plus the key file's, followed as it changes (a key added to or removed
+    from the mounted Secret counts without a restart). ConfigError naming the setting."""
+    inline = settings.keys
+    if settings.file is None:
+        return FixedApiKeys(ApiKeyStore(inline))
+    path = settings.file
+
+    def build(contents: Sequence[bytes]) -> ApiKeyStore:
+        return ApiKeyStore((*inline, *parse_api_key_file(contents[0], path)))
+
+    files = ReloadingFiles(
+        "API key file",
+        [path],
+        build,
+        settings_keys=[FILE_KEY],
+        reload_interval_seconds=reload_interval_seconds,
+        describe=lambda store: f"{len(store)} key hashes",
+        log=logger,
+    )
+    return await files.open()

@@ -34,6 +34,7 @@ import aiohttp
 import jwt
 
 from broker.config import ConfigError, JwtAuthSettings, JwtIssuerSettings
+from broker.file_reload import DEFAULT_RELOAD_INTERVAL_SECONDS, ReloadingFiles
 from broker.identity import Identity
 
 logger = logging.getLogger("broker.authn")
@@ -153,17 +154,28 @@ class KeySet:
         return None
 
 
-def read_jwks_file(path: Path, key: str) -> KeySet:
-    """Read a JWKS file (blocking); ConfigError naming the setting."""
+def parse_jwks_file(data: bytes, path: Path, key: str) -> KeySet:
+    """A JWKS file's key set; ConfigError naming the setting."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
-    try:
-        return KeySet.parse(json.loads(text))
-    except ValueError as exc:  # json.JSONDecodeError too
-        reason = str(exc) if not isinstance(exc, json.JSONDecodeError) else "not JSON"
+        return KeySet.parse(json.loads(data))
+    except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError too
+        reason = str(exc) if type(exc) is ValueError else "not JSON"
         raise ConfigError(f"{key}: {path}: {reason}") from None
+
+
+def jwks_file(
+    path: Path, key: str, *, reload_interval_seconds: float = DEFAULT_RELOAD_INTERVAL_SECONDS
+) -> ReloadingFiles[KeySet]:
+    """A JWKS file, followed as it changes (the issuer's keys rotate)."""
+    return ReloadingFiles(
+        "JWKS file",
+        [path],
+        lambda contents: parse_jwks_file(contents[0], path, key),
+        settings_keys=[key],
+        reload_interval_seconds=reload_interval_seconds,
+        describe=lambda keys: f"{len(keys)} keys",
+        log=logger,
+    )
 
 
 class JwksUrlCache:
@@ -272,11 +284,11 @@ class JwksUrlCache:
 
 
 class _FileKeys:
-    def __init__(self, keys: KeySet) -> None:
-        self._keys = keys
+    def __init__(self, files: ReloadingFiles[KeySet]) -> None:
+        self.files = files
 
     async def key_for(self, kid: str | None, alg: str) -> jwt.PyJWK | None:
-        return self._keys.key_for(kid, alg)
+        return self.files.current.key_for(kid, alg)
 
 
 class IssuerVerifier:
@@ -354,12 +366,18 @@ class JwtVerifier:
     """All configured issuers; `start()` loads JWKS files and does the first URL fetches."""
 
     def __init__(
-        self, settings: JwtAuthSettings, *, clock: Callable[[], float] = time.monotonic
+        self,
+        settings: JwtAuthSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        reload_interval_seconds: float = DEFAULT_RELOAD_INTERVAL_SECONDS,
     ) -> None:
         self._settings = settings
         self._clock = clock
+        self._reload_interval = reload_interval_seconds
         self._issuers: dict[str, IssuerVerifier] = {}
         self._caches: list[JwksUrlCache] = []
+        self._files: list[ReloadingFiles[KeySet]] = []
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
@@ -371,7 +389,11 @@ class JwtVerifier:
                 keys: JwksUrlCache | _FileKeys
                 if issuer.jwks_file is not None:
                     key = f"authentication.jwt.issuers[{index}].jwksFile"
-                    keys = _FileKeys(await asyncio.to_thread(read_jwks_file, issuer.jwks_file, key))
+                    files = jwks_file(
+                        issuer.jwks_file, key, reload_interval_seconds=self._reload_interval
+                    )
+                    keys = _FileKeys(await files.open())
+                    self._files.append(files)
                 else:
                     if self._session is None:
                         self._session = aiohttp.ClientSession()
@@ -382,6 +404,11 @@ class JwtVerifier:
         except BaseException:
             await self.close()
             raise
+
+    @property
+    def jwks_files(self) -> list[ReloadingFiles[KeySet]]:
+        """The JWKS files of the issuers configured with one (after `start`)."""
+        return list(self._files)
 
     async def close(self) -> None:
         for cache in self._caches:

@@ -60,6 +60,8 @@ class TLSSettings(_Section):
     key_file: Path
     client_ca_file: Path | None = None
     require_client_cert: bool = True
+    # How often the files are checked for changes (by content hash); SIGHUP reloads at once.
+    reload_interval_seconds: float = Field(default=5.0, gt=0)
 
 
 class ServerSettings(_Section):
@@ -338,6 +340,9 @@ class AuthenticationSettings(_Section):
     api_keys: ApiKeySettings = ApiKeySettings()
     jwt: JwtAuthSettings = JwtAuthSettings()
     unix_socket: UnixSocketAuthSettings = UnixSocketAuthSettings()
+    # How often the API key file and JWKS files are checked for changes (by content hash);
+    # SIGHUP reloads at once.
+    reload_interval_seconds: float = Field(default=5.0, gt=0)
 
 
 class CacheSettings(_Section):

@@ -36,6 +36,7 @@ from broker.config import (
     check_transport_security,
     split_host_port,
 )
+from broker.file_reload import ReloadingFiles, reload_on_sighup
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 from broker.metrics import BrokerMetrics
@@ -44,7 +45,7 @@ from broker.policy_reload import FixedPolicy, PolicyStore, open_policy
 from broker.ratelimit import RateLimiter
 from broker.readiness import Clock, KubernetesProber, Readiness, ReadyState
 from broker.service import TokenBrokerServicer
-from broker.tls import ServerTLSMaterial, load_tls_material_async
+from broker.tls import ServerCertificates, ServerTLSMaterial
 from broker.upstream import UpstreamClient
 from broker.upstream_guard import UpstreamGuard
 
@@ -117,7 +118,9 @@ class BrokerServer:
         self._stopped = False
         self._authenticator: Authenticator | None = None
         self._policy: PolicyStore | FixedPolicy | None = None
-        self._policy_watch: asyncio.Task[None] | None = None
+        # The files followed while serving (policy, TLS, API keys, JWKS), and their pollers.
+        self._reloading: list[ReloadingFiles[Any]] = []
+        self._reload_tasks: list[asyncio.Task[None]] = []
         self._audit: AuditLog | None = None
         self._cache: TokenCache | None = None
         self._limiter: RateLimiter | None = None
@@ -172,6 +175,11 @@ class BrokerServer:
         return self._policy
 
     @property
+    def reloading_files(self) -> list[ReloadingFiles[Any]]:
+        """The files followed while serving: polled, and re-read at once on SIGHUP."""
+        return list(self._reloading)
+
+    @property
     def upstream(self) -> UpstreamClient:
         if self._upstream is None:
             raise RuntimeError("server not started")
@@ -183,7 +191,7 @@ class BrokerServer:
             raise RuntimeError("server already started")
         cfg = self.settings.server
         check_transport_security(self.settings)
-        tls = await load_tls_material_async(cfg.tls) if cfg.tls is not None else None
+        certificates = await ServerCertificates(cfg.tls).open() if cfg.tls is not None else None
         if cfg.unix_socket is not None:
             await _remove_stale_socket(cfg.unix_socket)
         server = aio.server(
@@ -251,7 +259,7 @@ class BrokerServer:
             )
             if cfg.listen is not None:
                 host, _ = split_host_port(cfg.listen)
-                creds = tls.credentials() if tls is not None else None
+                creds = certificates.credentials() if certificates is not None else None
                 port = _bind(server, cfg.listen, creds, "server.listen")
                 self._address = f"{host}:{port}"
             if cfg.unix_socket is not None:
@@ -283,8 +291,15 @@ class BrokerServer:
             await self._close_parts()
             raise
         self._server = server
-        if isinstance(self._policy, PolicyStore):
-            self._policy_watch = asyncio.create_task(self._policy.run(), name="policy-watch")
+        self._reloading = [
+            *([self._policy] if isinstance(self._policy, PolicyStore) else []),
+            *([certificates.files] if certificates is not None else []),
+            *self._authenticator.reloading_files(),
+        ]
+        self._reload_tasks = [
+            asyncio.create_task(files.run(), name=f"reload {files.what}")
+            for files in self._reloading
+        ]
         self._prober_task = asyncio.create_task(self._prober.run(), name="readiness-probe")
         state = self.readiness.state()
         if not state.ready:
@@ -297,7 +312,7 @@ class BrokerServer:
                 "admin_listen": self.admin_address,
                 "ready": state.ready,
                 "unix_socket": str(self._unix_socket) if self._unix_socket else None,
-                "tls": _tls_mode(tls),
+                "tls": _tls_mode(certificates.material if certificates is not None else None),
             },
         )
 
@@ -364,11 +379,11 @@ class BrokerServer:
         if self._upstream is not None:
             self._upstream.remove_observer(self.metrics)
             self._upstream.remove_observer(self.readiness)
-        if self._policy_watch is not None:
-            self._policy_watch.cancel()
+        for task in self._reload_tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._policy_watch
-            self._policy_watch = None
+                await task
+        self._reload_tasks = []
         if self._cache is not None:
             # Background refreshes end before the upstream client closes under them.
             await self._cache.close()
@@ -509,9 +524,8 @@ async def serve_until_signal(
 
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
-    # SIGHUP re-reads the policy file at once (it is also polled).
-    policy = server.policy
-    remove_sighup = policy.install_sighup_handler(loop) if isinstance(policy, PolicyStore) else None
+    # SIGHUP re-reads the followed files at once (they are also polled).
+    remove_sighup = reload_on_sighup(loop, server.reloading_files)
     terminated = asyncio.ensure_future(server.wait_for_termination())
     requested = asyncio.ensure_future(stop_requested.wait())
     try:
@@ -532,5 +546,4 @@ async def serve_until_signal(
         terminated.cancel()
         for sig in signals:
             loop.remove_signal_handler(sig)
-        if remove_sighup is not None:
-            remove_sighup()
+        remove_sighup()

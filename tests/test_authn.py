@@ -342,6 +342,48 @@ async def test_api_keys_from_a_file_and_inline(api_key_file: tuple[Path, dict[st
         assert_refused(await refused(channel), REASON_CREDENTIALS_MISSING)
 
 
+def write_api_keys(path: Path, keys: dict[str, str]) -> None:
+    path.write_text(
+        "keys:\n"
+        + "".join(f"  - name: {name}\n    sha256: {hash_api_key(k)}\n" for name, k in keys.items()),
+        encoding="utf-8",
+    )
+
+
+async def test_api_key_file_changes_count_without_a_restart(
+    api_key_file: tuple[Path, dict[str, str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    path, keys = api_key_file
+    newcomer = generate_api_key()
+    async with authenticator({"apiKeys": {"file": str(path)}}) as authn:
+        [files] = authn.reloading_files()
+        async with plaintext_server(authn) as channel:
+            assert_refused(await refused(channel, newcomer))
+            # A key added for a new caller, one revoked: the Secret's new content.
+            write_api_keys(path, {"ci-deployer": keys["ci-deployer"], "newcomer": newcomer})
+            assert await files.check() is True
+            assert (await call(channel, newcomer))["name"] == "newcomer"
+            assert (await call(channel, keys["ci-deployer"]))["name"] == "ci-deployer"
+            assert_refused(await refused(channel, keys["nightly"]))
+            # A broken version is refused; the keys in force stay.
+            caplog.set_level(logging.ERROR)
+            path.write_text("keys: [\n", encoding="utf-8")
+            assert await files.check() is False
+            assert files.reload_failures == 1
+            assert (await call(channel, newcomer))["name"] == "newcomer"
+    [error] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "API key file reload refused, keeping the API key file in force" in error
+    assert "authentication.apiKeys.file" in error and "not valid YAML" in error
+    assert newcomer not in caplog.text and hash_api_key(newcomer) not in caplog.text
+
+
+async def test_inline_api_keys_have_no_file_to_follow() -> None:
+    key = generate_api_key()
+    settings = {"apiKeys": {"keys": [{"name": "inline", "sha256": hash_api_key(key)}]}}
+    async with authenticator(settings) as authn:
+        assert authn.reloading_files() == []
+
+
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
@@ -620,6 +662,25 @@ def test_jwks_url_must_be_https_off_loopback() -> None:
     issuer = {"issuer": ISSUER, "audiences": [AUDIENCE], "jwksUrl": "http://idp.example/jwks"}
     with pytest.raises(ConfigError, match=r"issuers\.0\.jwksUrl: .*must be https"):
         load_settings(None, {"authentication": {"jwt": {"issuers": [issuer]}}})
+
+
+async def test_jwks_file_rotation_is_followed(
+    tmp_path: Path, rsa_signer: Signer, ec_signer: Signer
+) -> None:
+    jwks = write_jwks(tmp_path / "jwks.json", rsa_signer.jwk())
+    async with (
+        authenticator(issuer_settings(jwksFile=str(jwks))) as authn,
+        plaintext_server(authn) as channel,
+    ):
+        [files] = authn.reloading_files()
+        assert files.what == "JWKS file"
+        assert (await call(channel, rsa_signer.mint()))["name"] == "ci/runner"
+        assert_refused(await refused(channel, ec_signer.mint()))
+        # The issuer rotates to the EC key and retires the RSA one.
+        write_jwks(jwks, ec_signer.jwk())
+        assert await files.check() is True
+        assert (await call(channel, ec_signer.mint()))["name"] == "ci/runner"
+        assert_refused(await refused(channel, rsa_signer.mint()))
 
 
 async def test_jwks_file_errors(tmp_path: Path) -> None:

@@ -18,6 +18,8 @@ import pytest
 import yaml
 from cli_support import Process, Spawn, claims, issue, run_cli
 from conftest import (
+    CALLER,
+    CALLER_KEY,
     NAMESPACE,
     POD,
     SERVICE_ACCOUNT,
@@ -28,6 +30,7 @@ from conftest import (
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from broker.authn_apikeys import generate_api_key, hash_api_key
 from broker.cli import build_parser, main, parse_go_duration, serve_overrides
 from broker.config import KubernetesSettings, load_settings
 from broker.emulator import Emulator
@@ -428,3 +431,54 @@ async def test_serve_process_shutdown_delay_then_graceful_stop(
         "stopped",
     ]
     assert [m for m in messages if m in steps] == steps
+
+
+async def test_serve_process_sighup_rereads_the_api_key_file(
+    spawn: Spawn, kubeconfig: Path, tmp_path: Path
+) -> None:
+    # A caller's key rotated in the mounted Secret: SIGHUP (or the next poll) brings it in.
+    keys = tmp_path / "api-keys.yaml"
+    new_key = generate_api_key()
+
+    def write_keys(key: str) -> None:
+        keys.write_text(yaml.safe_dump({"keys": [{"name": CALLER, "sha256": hash_api_key(key)}]}))
+
+    write_keys(CALLER_KEY)
+    access = access_config()
+    access["authentication"]["apiKeys"] = {"file": str(keys)}
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"listen": "127.0.0.1:0", "allowPlaintext": True},
+                "kubernetes": {"mode": "kubeconfig", "kubeconfig": str(kubeconfig)},
+                **access,
+                # Far longer than the test: only SIGHUP re-reads the file.
+                "authentication": {**access["authentication"], "reloadIntervalSeconds": 3600},
+                "log": {"format": "json"},
+            }
+        )
+    )
+    process = await spawn("serve", "--config", str(config))
+    ready = json.loads(process.stderr[await process.wait_for("serving", stream="stderr")])
+
+    async def token(credential: str) -> tuple[int, str]:
+        rc, _, err = await run_cli(
+            "token", SERVICE_ACCOUNT, "-n", NAMESPACE, "--server", ready["listen"], "--plaintext",
+            credential=credential,
+        )  # fmt: skip
+        return rc, err
+
+    assert (await token(CALLER_KEY))[0] == 0
+    write_keys(new_key)
+    rc, err = await token(new_key)
+    assert rc == 1 and "UNAUTHENTICATED" in err  # not re-read yet
+
+    process.proc.send_signal(signal.SIGHUP)
+    await process.wait_for("API key file reloaded", stream="stderr")
+    assert (await token(new_key))[0] == 0
+    rc, err = await token(CALLER_KEY)
+    assert rc == 1 and "UNAUTHENTICATED" in err  # the old key is revoked
+    assert await process.terminate() == 0
+    logs = "".join(process.stderr)
+    assert new_key not in logs and CALLER_KEY not in logs

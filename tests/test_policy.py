@@ -17,6 +17,7 @@ import yaml
 from conftest import create_request
 
 from broker.config import load_settings
+from broker.file_reload import reload_on_sighup
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.identity import Identity
 from broker.policy import DEV_POLICY_FILE, Decision, Policy, PolicyError
@@ -523,7 +524,7 @@ async def test_reload_installs_a_good_file_and_refuses_a_broken_one(
 ) -> None:
     path = tmp_path / "policy.yaml"
     write_policy(path, rule(name="first"))
-    store = await PolicyStore.open(path)
+    store = await PolicyStore.open_file(path)
     first = store.current
     assert await store.reload() is False  # unchanged
     assert (store.reload_count, store.reload_failures) == (0, 0)
@@ -559,7 +560,7 @@ async def test_reload_installs_a_good_file_and_refuses_a_broken_one(
 async def test_polling_reports_a_refused_version_once(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     write_policy(path, rule())
-    store = PolicyStore.load(path, reload_interval_seconds=0.01)
+    store = PolicyStore.load_file(path, reload_interval_seconds=0.01)
     path.write_text("rules: [")
     assert await store.check() is False
     assert await store.check() is False
@@ -572,7 +573,7 @@ def test_the_first_load_must_succeed(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text("rules: [{name: x}]")
     with pytest.raises(PolicyError, match=r"rules\[0\]\.subjects: required"):
-        PolicyStore.load(path)
+        PolicyStore.load_file(path)
 
 
 def configmap_update(root: Path, version: str, content: str) -> None:
@@ -596,7 +597,7 @@ def configmap_update(root: Path, version: str, content: str) -> None:
 async def test_polling_follows_a_configmap_symlink_swap(tmp_path: Path) -> None:
     configmap_update(tmp_path, "2024_01_01", yaml.safe_dump({"rules": [rule(name="v1")]}))
     path = tmp_path / "policy.yaml"
-    store = await PolicyStore.open(path, reload_interval_seconds=0.01)
+    store = await PolicyStore.open_file(path, reload_interval_seconds=0.01)
     task = asyncio.create_task(store.run())
     try:
         configmap_update(tmp_path, "2024_01_02", yaml.safe_dump({"rules": [rule(name="v2")]}))
@@ -621,8 +622,8 @@ async def test_polling_follows_a_configmap_symlink_swap(tmp_path: Path) -> None:
 async def test_sighup_reloads(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     write_policy(path, rule(name="before"))
-    store = await PolicyStore.open(path, reload_interval_seconds=3600)
-    remove = store.install_sighup_handler(asyncio.get_running_loop())
+    store = await PolicyStore.open_file(path, reload_interval_seconds=3600)
+    remove = reload_on_sighup(asyncio.get_running_loop(), [store])
     try:
         write_policy(path, rule(name="after"))
         os.kill(os.getpid(), signal.SIGHUP)
@@ -636,7 +637,7 @@ def test_a_bad_interval_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     write_policy(path, rule())
     with pytest.raises(ValueError):
-        PolicyStore.load(path, reload_interval_seconds=0)
+        PolicyStore.load_file(path, reload_interval_seconds=0)
 
 
 def test_rules_are_immutable() -> None:

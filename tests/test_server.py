@@ -6,6 +6,7 @@ gRPC client -> BrokerServer -> kubernetes.aio -> the emulator over HTTPS.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import socket
@@ -296,6 +297,72 @@ async def test_plaintext_health_port_next_to_mutual_tls(
             await stopping
     finally:
         await server.stop(None)
+
+
+def install(live: Path, server: Pki | None = None, client_ca: Pki | None = None) -> None:
+    """Put a new server certificate and key, and/or client CA, where the broker reads them."""
+    if server is not None:
+        shutil.copyfile(server.cert, live / "tls.crt")
+        shutil.copyfile(server.key, live / "tls.key")
+    if client_ca is not None:
+        shutil.copyfile(client_ca.ca_file, live / "ca.crt")
+
+
+async def reachable(address: str, credentials: grpc.ChannelCredentials) -> bool:
+    """Whether a new connection with these credentials completes a health check."""
+    async with aio.secure_channel(address, credentials) as channel:
+        try:
+            return await health(channel) == SERVING
+        except aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+            return False
+
+
+async def test_renewed_certificate_and_client_ca_are_served_without_a_restart(
+    kubernetes_settings: KubernetesSettings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    old, new = (issue(tmp_path, name, "localhost", "127.0.0.1") for name in ("old", "new"))
+    client_x, client_y = (issue(tmp_path, name, "client.example") for name in ("cx", "cy"))
+    live = tmp_path / "live"
+    live.mkdir()
+    install(live, old, client_x)
+    tls = {
+        "cert_file": live / "tls.crt",
+        "key_file": live / "tls.key",
+        "client_ca_file": live / "ca.crt",
+        "reload_interval_seconds": 3600,  # checked explicitly below
+    }
+    async with BrokerServer(broker_settings(kubernetes_settings, tls=tls)) as server:
+        [files] = [f for f in server.reloading_files if f.what == "TLS certificate"]
+        address = server.address
+        async with aio.secure_channel(address, client_credentials(old, client_x)) as open_channel:
+            assert await health(open_channel) == SERVING
+
+            # cert-manager renewed the certificate (a new key, here a new CA too).
+            install(live, new)
+            assert await files.check() is True
+            assert await reachable(address, client_credentials(new, client_x))
+            assert not await reachable(address, client_credentials(old, client_x))
+            # The connection made before keeps working.
+            assert (await get_token(open_channel)).count(".") == 2
+
+            # A certificate with someone else's key: refused, the renewed pair stays.
+            caplog.set_level(logging.ERROR, logger="broker.tls")
+            shutil.copyfile(old.cert, live / "tls.crt")
+            assert await files.check() is False
+            assert files.reload_failures == 1
+            assert files.last_error is not None and "does not match" in files.last_error
+            assert await reachable(address, client_credentials(new, client_x))
+            shutil.copyfile(new.cert, live / "tls.crt")  # back to the pair in force
+
+            # The client CA rotates: certificates of the old CA are refused from now on.
+            install(live, client_ca=client_y)
+            assert await files.check() is True
+            assert await reachable(address, client_credentials(new, client_y))
+            assert not await reachable(address, client_credentials(new, client_x))
+    [refusal] = [r.getMessage() for r in caplog.records if r.name == "broker.tls"]
+    assert "TLS certificate reload refused, keeping the TLS certificate in force" in refusal
+    assert "PRIVATE KEY" not in caplog.text
 
 
 async def test_tls_key_not_matching_the_cert_is_named(

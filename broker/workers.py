@@ -22,7 +22,7 @@ What is shared and what is not:
 Signals: SIGTERM/SIGINT to the supervisor are forwarded (as SIGTERM) to every worker, which
 stops as `serve` does (not ready, serving on for `server.shutdownDelaySeconds`, then draining
 within `server.shutdownGraceSeconds`); a second one is forwarded too and cancels the calls
-still in flight. SIGHUP is forwarded (policy reload). Workers run in their own session,
+still in flight. SIGHUP is forwarded (files re-read). Workers run in their own session,
 so a terminal's Ctrl-C reaches them only through the supervisor, once. A worker whose
 supervisor disappears (its stdin closes) stops as if sent SIGTERM.
 
@@ -324,7 +324,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     # Signals that arrive while starting are remembered, not fatal.
     signal.signal(signal.SIGTERM, remember)
     signal.signal(signal.SIGINT, remember)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the policy store takes it
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve_until_signal takes it
     parser = argparse.ArgumentParser(prog="python -m broker.workers")
     parser.add_argument("--index", type=int, required=True)
     args = parser.parse_args(argv)

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
@@ -79,6 +81,15 @@ class RateLimitState(Protocol):
 
     @property
     def stats(self) -> Any: ...
+
+
+class FollowedFile(Protocol):
+    """A file followed while serving (broker.file_reload.ReloadingFiles)."""
+
+    what: str
+    paths: tuple[Path, ...]
+    reload_count: int
+    reload_failures: int
 
 
 class LostLines(Protocol):
@@ -316,6 +327,16 @@ class BrokerMetrics:
         """Export the limiter's bucket count, Redis state and Redis failures at each scrape."""
         self._state.rate_limiter = source
 
+    def watch_files(
+        self,
+        files: Callable[[], Sequence[FollowedFile]] | None,
+        certificate_expiry: Callable[[], datetime] | None = None,
+    ) -> None:
+        """Export the reload counters of the followed files, and the serving certificate's
+        expiry, at each scrape."""
+        self._state.files = files
+        self._state.certificate_expiry = certificate_expiry
+
     def watch_audit(self, source: LostLines | None) -> None:
         self._state.audit = source
 
@@ -358,8 +379,11 @@ class _StateCollector(Collector):
         self.cache_source: Callable[[], CacheStats] | None = None
         self.cache = CacheSnapshot()
         self.rate_limiter: RateLimitState | None = None
+        self.files: Callable[[], Sequence[FollowedFile]] | None = None
+        self.certificate_expiry: Callable[[], datetime] | None = None
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._collect_files()
         limiter = self.rate_limiter
         if limiter is not None:
             yield GaugeMetricFamily(
@@ -423,4 +447,31 @@ class _StateCollector(Collector):
                 "token_broker_ready",
                 "1 when the broker is ready (policy loaded, Kubernetes API reachable), else 0.",
                 value=1 if self.ready() else 0,
+            )
+
+    def _collect_files(self) -> Iterator[Metric]:
+        labels = ("source", "file")
+        reloads = CounterMetricFamily(
+            "token_broker_file_reloads",
+            "Reloads of a followed file (policy, TLS certificate, API key file, JWKS file) that "
+            "installed its new content; `file` is its (first) path.",
+            labels=labels,
+        )
+        failures = CounterMetricFamily(
+            "token_broker_file_reload_failures",
+            "Versions of a followed file that were refused (the last good one stayed in force).",
+            labels=labels,
+        )
+        for followed in self.files() if self.files is not None else ():
+            values = [followed.what.lower().replace(" ", "_"), str(followed.paths[0])]
+            reloads.add_metric(values, followed.reload_count)
+            failures.add_metric(values, followed.reload_failures)
+        yield reloads
+        yield failures
+        if self.certificate_expiry is not None:
+            yield GaugeMetricFamily(
+                "token_broker_tls_certificate_expiry_timestamp_seconds",
+                "When the serving certificate (server.tls.certFile, as last loaded) expires, "
+                "in seconds since the epoch: alert well before it.",
+                value=self.certificate_expiry().timestamp(),
             )

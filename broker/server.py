@@ -300,6 +300,10 @@ class BrokerServer:
             asyncio.create_task(files.run(), name=f"reload {files.what}")
             for files in self._reloading
         ]
+        self.metrics.watch_files(
+            lambda: self._reloading,
+            (lambda: certificates.material.not_after) if certificates is not None else None,
+        )
         self._prober_task = asyncio.create_task(self._prober.run(), name="readiness-probe")
         state = self.readiness.state()
         if not state.ready:

@@ -334,6 +334,11 @@ async def test_policy_reloads_are_read_from_the_store(
         samples, _ = parse((await scrape(server))[1])
         assert value(samples, "token_broker_policy_reloads_total") == 1
         assert value(samples, "token_broker_policy_reload_failures_total") == 1
+        # The same counts among the followed files (no TLS here: no certificate expiry).
+        labels = {"source": "policy", "file": str(policy)}
+        assert series(samples, "token_broker_file_reloads_total") == {frozenset(labels.items()): 1}
+        assert value(samples, "token_broker_file_reload_failures_total", **labels) == 1
+        assert not series(samples, "token_broker_tls_certificate_expiry_timestamp_seconds")
     finally:
         await server.stop(None)
 

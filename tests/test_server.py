@@ -27,6 +27,7 @@ from conftest import (
     broker_settings,
     create_request,
 )
+from cryptography import x509
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -318,6 +319,24 @@ async def reachable(address: str, credentials: grpc.ChannelCredentials) -> bool:
             return False
 
 
+def reload_counts(server: BrokerServer, source: str, path: Path) -> tuple[float, float]:
+    labels = {"source": source, "file": str(path)}
+    registry = server.metrics.registry
+    return (
+        registry.get_sample_value("token_broker_file_reloads_total", labels) or 0,
+        registry.get_sample_value("token_broker_file_reload_failures_total", labels) or 0,
+    )
+
+
+def certificate_expiry(server: BrokerServer) -> float | None:
+    name = "token_broker_tls_certificate_expiry_timestamp_seconds"
+    return server.metrics.registry.get_sample_value(name)
+
+
+def not_after(pki: Pki) -> float:
+    return x509.load_pem_x509_certificate(pki.cert.read_bytes()).not_valid_after_utc.timestamp()
+
+
 async def test_renewed_certificate_and_client_ca_are_served_without_a_restart(
     kubernetes_settings: KubernetesSettings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -335,6 +354,8 @@ async def test_renewed_certificate_and_client_ca_are_served_without_a_restart(
     async with BrokerServer(broker_settings(kubernetes_settings, tls=tls)) as server:
         [files] = [f for f in server.reloading_files if f.what == "TLS certificate"]
         address = server.address
+        assert certificate_expiry(server) == not_after(old)
+        assert reload_counts(server, "tls_certificate", live / "tls.crt") == (0, 0)
         async with aio.secure_channel(address, client_credentials(old, client_x)) as open_channel:
             assert await health(open_channel) == SERVING
 
@@ -345,6 +366,9 @@ async def test_renewed_certificate_and_client_ca_are_served_without_a_restart(
             assert not await reachable(address, client_credentials(old, client_x))
             # The connection made before keeps working.
             assert (await get_token(open_channel)).count(".") == 2
+
+            assert reload_counts(server, "tls_certificate", live / "tls.crt") == (1, 0)
+            assert certificate_expiry(server) == not_after(new)
 
             # A certificate with someone else's key: refused, the renewed pair stays.
             caplog.set_level(logging.ERROR, logger="broker.tls")
@@ -360,6 +384,7 @@ async def test_renewed_certificate_and_client_ca_are_served_without_a_restart(
             assert await files.check() is True
             assert await reachable(address, client_credentials(new, client_y))
             assert not await reachable(address, client_credentials(new, client_x))
+            assert reload_counts(server, "tls_certificate", live / "tls.crt") == (2, 1)
     [refusal] = [r.getMessage() for r in caplog.records if r.name == "broker.tls"]
     assert "TLS certificate reload refused, keeping the TLS certificate in force" in refusal
     assert "PRIVATE KEY" not in caplog.text

@@ -14,11 +14,13 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
 import trustme
-from conftest import CALLER_KEY
+import yaml
+from conftest import CALLER_KEY, access_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,6 +101,31 @@ class Process:
         rc = await asyncio.wait_for(self.proc.wait(), 60)
         await asyncio.gather(*self._readers)
         return rc
+
+
+def serve_config(
+    path: Path,
+    kubeconfig: Path,
+    *,
+    server: dict[str, Any] | None = None,
+    authentication: dict[str, Any] | None = None,
+    **sections: Any,
+) -> Path:
+    """Write the config.yaml of a `serve` child: plaintext on a free loopback port, the
+    emulator behind `kubeconfig`, the test callers and policy (conftest.access_config), JSON
+    logs. `server` and `authentication` keys are added to those sections; other sections
+    (camelCase, as in the file) are set as given."""
+    access = access_config()
+    settings = {
+        "server": {"listen": "127.0.0.1:0", "allowPlaintext": True, **(server or {})},
+        "kubernetes": {"mode": "kubeconfig", "kubeconfig": str(kubeconfig)},
+        **access,
+        "authentication": {**access["authentication"], **(authentication or {})},
+        "log": {"format": "json"},
+        **sections,
+    }
+    path.write_text(yaml.safe_dump(settings))
+    return path
 
 
 async def start_broker(*args: str) -> Process:

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
-from cli_support import Process, Spawn, claims, issue, run_cli
+from cli_support import Process, Spawn, claims, issue, run_cli, serve_config
 from conftest import (
     CALLER,
     CALLER_KEY,
@@ -24,7 +24,6 @@ from conftest import (
     POD,
     SERVICE_ACCOUNT,
     RunningBroker,
-    access_config,
     broker_settings,
 )
 from grpc import aio
@@ -279,16 +278,8 @@ async def test_serve_process_refuses_plaintext_on_all_interfaces(kubeconfig: Pat
 async def test_serve_process_serves_then_exits_cleanly_on_sigterm(
     spawn: Spawn, kubeconfig: Path, tmp_path: Path
 ) -> None:
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "server": {"listen": "127.0.0.1:0", "allowPlaintext": True},
-                "kubernetes": {"mode": "kubeconfig", "kubeconfig": str(kubeconfig)},
-                **access_config(),
-                "log": {"format": "json", "level": "debug"},
-            }
-        )
+    config = serve_config(
+        tmp_path / "config.yaml", kubeconfig, log={"format": "json", "level": "debug"}
     )
     process: Process = await spawn("serve", "--config", str(config))
     index = await process.wait_for("token broker serving", stream="stderr")
@@ -312,20 +303,9 @@ async def test_serve_process_second_sigterm_cancels_in_flight_calls(
     spawn: Spawn, emulator: Emulator, kubeconfig: Path, tmp_path: Path
 ) -> None:
     emulator.faults.latency = 600.0  # the call stays in flight until cancelled
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                # Far longer than the test's safety timeouts: only the second signal ends it.
-                "server": {
-                    "listen": "127.0.0.1:0",
-                    "allowPlaintext": True,
-                    "shutdownGraceSeconds": 3600,
-                },
-                "kubernetes": {"mode": "kubeconfig", "kubeconfig": str(kubeconfig)},
-                **access_config(),
-            }
-        )
+    # Far longer than the test's safety timeouts: only the second signal ends it.
+    config = serve_config(
+        tmp_path / "config.yaml", kubeconfig, server={"shutdownGraceSeconds": 3600}
     )
     process = await spawn("serve", "--config", str(config))
     ready = json.loads(process.stderr[await process.wait_for("serving", stream="stderr")])
@@ -364,22 +344,9 @@ async def health_status(address: str) -> set[int]:
 
 
 def shutdown_config(tmp_path: Path, kubeconfig: Path, delay: float) -> Path:
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "server": {
-                    "listen": "127.0.0.1:0",
-                    "allowPlaintext": True,
-                    "shutdownDelaySeconds": delay,
-                },
-                "kubernetes": {"mode": "kubeconfig", "kubeconfig": str(kubeconfig)},
-                **access_config(),
-                "log": {"format": "json"},
-            }
-        )
+    return serve_config(
+        tmp_path / "config.yaml", kubeconfig, server={"shutdownDelaySeconds": delay}
     )
-    return config
 
 
 async def test_serve_process_shutdown_delay_serves_on_while_not_ready(
@@ -444,20 +411,11 @@ async def test_serve_process_sighup_rereads_the_api_key_file(
         keys.write_text(yaml.safe_dump({"keys": [{"name": CALLER, "sha256": hash_api_key(key)}]}))
 
     write_keys(CALLER_KEY)
-    access = access_config()
-    access["authentication"]["apiKeys"] = {"file": str(keys)}
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "server": {"listen": "127.0.0.1:0", "allowPlaintext": True},
-                "kubernetes": {"mode": "kubeconfig", "kubeconfig": str(kubeconfig)},
-                **access,
-                # Far longer than the test: only SIGHUP re-reads the file.
-                "authentication": {**access["authentication"], "reloadIntervalSeconds": 3600},
-                "log": {"format": "json"},
-            }
-        )
+    config = serve_config(
+        tmp_path / "config.yaml",
+        kubeconfig,
+        # Far longer than the test: only SIGHUP re-reads the file.
+        authentication={"apiKeys": {"file": str(keys)}, "reloadIntervalSeconds": 3600},
     )
     process = await spawn("serve", "--config", str(config))
     ready = json.loads(process.stderr[await process.wait_for("serving", stream="stderr")])

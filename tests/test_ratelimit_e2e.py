@@ -23,14 +23,13 @@ import aiohttp
 import grpc
 import pytest
 import yaml
-from cli_support import Process, start_broker
+from cli_support import Process, serve_config, start_broker
 from conftest import (
     CALLER_KEY,
     CORE_POLICY,
     OTHER_SERVICE_ACCOUNT,
     SERVICE_ACCOUNT,
     BearerCredential,
-    access_config,
     broker_settings,
     call_error,
     create_request,
@@ -313,31 +312,24 @@ GLOBAL_BURST = 5
 
 
 def redis_broker_config(tmp_path: Path, name: str, kubeconfig: Path, redis_address: str) -> Path:
-    config = tmp_path / f"{name}.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "server": {"listen": "127.0.0.1:0", "allowPlaintext": True},
-                "kubernetes": {"mode": "kubeconfig", "kubeconfig": str(kubeconfig)},
-                **access_config(),
-                "cache": {"enabled": False},
-                "log": {"format": "json", "level": "info"},
-                "rateLimit": {
-                    **NO_LIMITS,
-                    # Effectively no refill during the test: exactly the burst is admitted.
-                    "global": {"rate": 0.001, "burst": GLOBAL_BURST},
-                    "backend": "redis",
-                    "redis": {
-                        "address": redis_address,
-                        "timeoutSeconds": 0.5,
-                        "retryIntervalSeconds": 0.3,
-                    },
-                    "onRedisUnavailable": "local",
-                },
-            }
-        )
+    return serve_config(
+        tmp_path / f"{name}.yaml",
+        kubeconfig,
+        cache={"enabled": False},
+        log={"format": "json", "level": "info"},
+        rateLimit={
+            **NO_LIMITS,
+            # Effectively no refill during the test: exactly the burst is admitted.
+            "global": {"rate": 0.001, "burst": GLOBAL_BURST},
+            "backend": "redis",
+            "redis": {
+                "address": redis_address,
+                "timeoutSeconds": 0.5,
+                "retryIntervalSeconds": 0.3,
+            },
+            "onRedisUnavailable": "local",
+        },
     )
-    return config
 
 
 @pytest.fixture

@@ -47,8 +47,7 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-import yaml
-from cli_support import start_broker
+from cli_support import serve_config, start_broker
 from conftest import (
     BROKER_TOKEN,
     CALLER_KEY,
@@ -62,7 +61,6 @@ from conftest import (
     SERVICE_ACCOUNT,
     TEST_RETRY,
     BearerCredential,
-    access_config,
     broker_settings,
     create_request,
 )
@@ -852,22 +850,13 @@ async def test_sigterm_during_load_finishes_calls_refuses_new_ones_and_exits_0(
     emulator: Emulator, kubeconfig: Path, tmp_path: Path
 ) -> None:
     emulator.faults.latency = 0.5  # the calls are at the API server when the signal comes
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "server": {
-                    "listen": "127.0.0.1:0",
-                    "allowPlaintext": True,
-                    "shutdownGraceSeconds": SHUTDOWN_GRACE_SECONDS,
-                },
-                "kubernetes": {"mode": "kubeconfig", "kubeconfig": str(kubeconfig)},
-                "cache": {"enabled": False},
-                "rateLimit": {"enabled": False},
-                **access_config(),
-                "log": {"format": "json", "level": "debug"},
-            }
-        )
+    config = serve_config(
+        tmp_path / "config.yaml",
+        kubeconfig,
+        server={"shutdownGraceSeconds": SHUTDOWN_GRACE_SECONDS},
+        cache={"enabled": False},
+        rateLimit={"enabled": False},
+        log={"format": "json", "level": "debug"},
     )
     process = await start_broker("serve", "--config", str(config))
     EXPECTED_SOURCES.update({"child", "metrics"})

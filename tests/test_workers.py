@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from cli_support import Process, Spawn, run_cli
-from conftest import CALLER_KEY, BearerCredential, access_config, create_request
+from cli_support import Process, Spawn, run_cli, serve_config
+from conftest import CALLER_KEY, BearerCredential, create_request
 from grpc import aio
 
 from broker.config import ConfigError, load_settings
@@ -34,19 +33,13 @@ def free_port() -> int:
 
 
 def write_config(tmp_path: Path, kubeconfig: Path, port: int, **server: Any) -> Path:
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "server": {"listen": f"127.0.0.1:{port}", "allowPlaintext": True, **server},
-                "kubernetes": {"mode": "kubeconfig", "kubeconfig": str(kubeconfig)},
-                "rateLimit": {"enabled": False},
-                **access_config(),
-                "log": {"format": "json", "level": "info"},
-            }
-        )
+    return serve_config(
+        tmp_path / "config.yaml",
+        kubeconfig,
+        server={"listen": f"127.0.0.1:{port}", **server},
+        rateLimit={"enabled": False},
+        log={"format": "json", "level": "info"},
     )
-    return config
 
 
 def log_entries(process: Process) -> list[dict[str, Any]]:

@@ -1,10 +1,16 @@
-"""cProfile of the broker on cache hits (case 2): where a request's CPU time goes.
+"""Where a cache hit's CPU time goes (case 2): cProfile, or the py-spy sampling profiler.
 
 `python -m bench.profile` (or `python -m bench --profile`): the broker runs as `python -m
 cProfile -o FILE -m broker serve ...` (the event loop thread: the whole request path; the
 audit writer thread is not profiled), the bench load sends cache hits, and the profile is
 summarized per request: the functions with the most own time, and the cumulative time of the
 request path's steps. Written to bench/results/profile.txt.
+
+`python -m bench.profile --sampler py-spy`: the broker runs as it does in production and
+py-spy samples it from outside (500 Hz, all threads, native frames left out): no cProfile
+overhead on every call, and the other threads (the audit writer) and gRPC's own Cython code
+show too. Summarized as shares of the samples: the request path's steps (cumulative), and
+the functions with the most own time. Written to bench/results/profile-pyspy.txt.
 """
 
 from __future__ import annotations
@@ -13,7 +19,11 @@ import argparse
 import io
 import pstats
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
+from collections import Counter
 from pathlib import Path
 
 from bench.run import CHANNELS, PROCESSES, RESULTS, grpc_spec, load, log
@@ -111,16 +121,107 @@ def profile_hits(
     return target
 
 
+def _frame(frame: str) -> tuple[str, str]:
+    """py-spy's 'function (path/file.py:line)' -> (function, path)."""
+    function, _, where = frame.partition(" (")
+    return function, where.rsplit(":", 1)[0]
+
+
+def summarize_pyspy(raw: Path, requests: int, seconds: float) -> str:
+    """Shares of py-spy's samples (raw format: 'frame;frame;... count' per stack)."""
+    own: Counter[str] = Counter()
+    steps: Counter[tuple[str, str]] = Counter()
+    threads: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        loop_thread = any("run_forever" in f for f in frames)
+        threads["event loop thread" if loop_thread else "other threads (audit writer, ...)"] += n
+        own[frames[-1]] += n
+        seen = set()
+        for frame in frames:
+            function, path = _frame(frame)
+            for suffix, name in STEPS:
+                key = (suffix, name)
+                if key not in seen and function.endswith(name) and path.endswith(suffix):
+                    seen.add(key)
+                    steps[key] += n
+    out = io.StringIO()
+    out.write(
+        f"py-spy samples of the broker process (500 Hz, {seconds:.0f} s of load, "
+        f"{requests:,} cache hits): {total:,} samples\n\n"
+    )
+    for name, n in threads.most_common():
+        out.write(f"  {100 * n / total:5.1f}%  {name}\n")
+    out.write("\nRequest path steps, cumulative share of all samples:\n")
+    for suffix, name in STEPS:
+        if steps[(suffix, name)]:
+            out.write(f"  {suffix}:{name:<24} {100 * steps[(suffix, name)] / total:5.1f}%\n")
+    out.write("\nTop 30 frames by own samples (Cython/C time shows in the calling frame):\n")
+    for frame, n in own.most_common(30):
+        out.write(f"  {100 * n / total:5.1f}%  {frame}\n")
+    return out.getvalue()
+
+
+def sample_hits(
+    workdir: Path, out_dir: Path, requests: int = REQUESTS, *, src: Path | None = None
+) -> Path:
+    """py-spy over the broker in `src` (default: this checkout) on cache hits."""
+    py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which(
+        "py-spy"
+    )
+    if py_spy is None:
+        raise SystemExit("py-spy is not installed: make bench installs it (.[bench])")
+    emulator = EmulatorHost(workdir)
+    raw = workdir / "pyspy.txt"
+    try:
+        port = free_port()
+        config = write_broker_config(workdir, emulator.kubeconfig, cache=True, port=port)
+        broker = BrokerProcess(config, workdir, port=port, src=src)
+        try:
+            load(grpc_spec(broker.address, requests // 4), broker.pids, None)  # warm up
+            log(f"profile: {requests} cache hits sampled by py-spy")
+            sampler = subprocess.Popen(
+                [py_spy, "record", "--rate", "500", "--format", "raw", "--output", str(raw),
+                 "--pid", str(broker.pids[0])],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            time.sleep(1.0)  # attached
+            started = time.monotonic()
+            result, _, _ = load(grpc_spec(broker.address, requests), broker.pids, None)
+            seconds = time.monotonic() - started
+            sampler.send_signal(2)  # SIGINT: py-spy writes what it has
+            sampler.wait(60)
+        finally:
+            broker.stop()
+    finally:
+        emulator.stop()
+    text = summarize_pyspy(raw, result.ok, seconds)
+    target = out_dir / "profile-pyspy.txt"
+    target.write_text(text)
+    print(text)
+    return target
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     parser.add_argument("--requests", type=int, default=REQUESTS)
     parser.add_argument("--src", type=Path, help="another tree holding broker/ (e.g. before)")
     parser.add_argument("--name", default="profile.txt", help="file name in bench/results")
+    parser.add_argument("--sampler", choices=("cprofile", "py-spy"), default="cprofile")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="token-broker-profile-"))
     try:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        profile_hits(workdir, RESULTS, args.requests, src=args.src, name=args.name)
+        if args.sampler == "py-spy":
+            sample_hits(workdir, RESULTS, args.requests, src=args.src)
+        else:
+            profile_hits(workdir, RESULTS, args.requests, src=args.src, name=args.name)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

@@ -38,7 +38,6 @@ from broker.upstream import AttemptOutcome
 # gRPC middleware of other languages exposes.
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
-GRPC_CODES: tuple[str, ...] = tuple(code.name for code in grpc.StatusCode)
 # go-grpc-prometheus' grpc_type values.
 GRPC_TYPES = ("unary", "client_stream", "server_stream", "bidi_stream")
 

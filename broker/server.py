@@ -514,7 +514,6 @@ async def serve_until_signal(
         stop_requested = asyncio.Event()
     signalled_while_starting = stop_requested.is_set()
     background: set[asyncio.Task[None]] = set()
-    signals = STOP_SIGNALS
 
     def on_signal(sig: signal.Signals) -> None:
         if stop_requested.is_set():
@@ -526,7 +525,7 @@ async def serve_until_signal(
         logger.info("received %s", sig.name)
         stop_requested.set()
 
-    for sig in signals:
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
     # SIGHUP re-reads the followed files at once (they are also polled).
     remove_sighup = reload_on_sighup(loop, server.reloading_files)
@@ -548,6 +547,6 @@ async def serve_until_signal(
     finally:
         requested.cancel()
         terminated.cancel()
-        for sig in signals:
+        for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
         remove_sighup()

@@ -21,6 +21,8 @@ import logging
 import os
 import random
 import re
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -197,6 +199,7 @@ class UpstreamClient:
             raise ConfigError(f"cannot load the Kubernetes {source}: {exc}") from None
         # Our retries only: the library's would ignore the caller's deadline.
         cfg.retries = None
+        _environment_read_once(cfg)
         cfg.connection_pool_maxsize = settings.connection_pool_size
         # ApiClient builds its SSL context (reads the CA file) in the constructor.
         api_client = await asyncio.to_thread(kclient.ApiClient, cfg)
@@ -467,6 +470,27 @@ def _timeout_error(seconds: float) -> BrokerError:
         reason=REASON_TIMEOUT,
         metadata={"timeoutSeconds": f"{seconds:.3f}"},
     )
+
+
+def _environment_read_once(cfg: Any) -> None:
+    """The client's aiohttp session trusts the environment (`trust_env`), which reads
+    ~/.netrc (`$NETRC`) in a thread for every request: a thread hop and a file parse per API
+    call, and a netrc entry matching the API server (or a `default` one) makes aiohttp refuse
+    every request, which already carries an Authorization header. The environment's proxy, the
+    other thing `trust_env` gives, is resolved once here instead (`HTTPS_PROXY`/`NO_PROXY`,
+    unless the kubeconfig names a `proxy-url`)."""
+    if not cfg.proxy:
+        cfg.proxy = environment_proxy(cfg.host)
+    cfg.client_session_kwargs = {**(cfg.client_session_kwargs or {}), "trust_env": False}
+
+
+def environment_proxy(url: str) -> str | None:
+    """The proxy the environment names for `url`, as aiohttp's `trust_env` would pick it."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if not host or urllib.request.proxy_bypass(host):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
 
 
 def _refresh_hook_off_loop(cfg: Any) -> None:

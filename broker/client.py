@@ -321,6 +321,15 @@ class ClientConfig:
             certificate_chain=_read(self.cert_file),
         )
 
+    def open_channel(self, channels: Any) -> Any:
+        """A channel to the broker, from `grpc` (blocking) or `grpc.aio`: both modules take
+        the same arguments."""
+        if self.secure:
+            return channels.secure_channel(
+                self.address, self.channel_credentials(), options=self.options()
+            )
+        return channels.insecure_channel(self.address, options=self.options())
+
     def call_metadata(self) -> tuple[tuple[str, str], ...]:
         """`authorization: Bearer ...` (the file is re-read: rotated credentials work)."""
         credential = self.credential
@@ -443,13 +452,7 @@ class AsyncTokenBrokerClient:
         self.config = _config(address, kwargs)
         self._clock = clock
         self._rng = rng
-        cfg = self.config
-        if cfg.secure:
-            self._channel = aio.secure_channel(
-                cfg.address, cfg.channel_credentials(), options=cfg.options()
-            )
-        else:
-            self._channel = aio.insecure_channel(cfg.address, options=cfg.options())
+        self._channel: aio.Channel = self.config.open_channel(aio)
         self._stub = pb_grpc.TokenBrokerServiceStub(self._channel)
 
     def __repr__(self) -> str:
@@ -535,13 +538,7 @@ class TokenBrokerClient:
         self._clock = clock
         self._rng = rng
         self._sleep = sleep
-        cfg = self.config
-        if cfg.secure:
-            self._channel = grpc.secure_channel(
-                cfg.address, cfg.channel_credentials(), options=cfg.options()
-            )
-        else:
-            self._channel = grpc.insecure_channel(cfg.address, options=cfg.options())
+        self._channel: grpc.Channel = self.config.open_channel(grpc)
         self._stub = pb_grpc.TokenBrokerServiceStub(self._channel)
 
     def __repr__(self) -> str:

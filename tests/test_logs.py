@@ -5,9 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Iterator
-
-import pytest
 
 from broker.config import LogSettings
 from broker.logs import REDACTED, redact, setup_logging
@@ -17,18 +14,6 @@ JWT = (
     ".eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6ZGVtbzpidWlsZC1yb2JvdCJ9"
     ".c2lnbmF0dXJlLWJ5dGVzLWhlcmU"
 )
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
 
 
 def capture(fmt: str, level: str = "info") -> io.StringIO:

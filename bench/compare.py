@@ -1,7 +1,8 @@
-"""Before/after on cache hits (case 2): two broker source trees, measured in alternation.
+"""Before/after on cache hits (case 2), or misses (case 3, `--misses`): two broker source
+trees, measured in alternation.
 
-    cp -r broker /tmp/before/            # before a change (the tree holding broker/)
-    .venv/bin/python -m bench.compare /tmp/before [.]
+    git archive HEAD broker | tar -x -C /tmp/before    # before a change
+    .venv/bin/python -m bench.compare /tmp/before [.] [--misses]
 
 Both brokers run at once (idle while the other is measured); rounds alternate A, B, A, B...
 so that a busy neighbour on a shared machine disturbs both alike. Prints the median requests/s
@@ -22,7 +23,7 @@ from bench.targets import BrokerProcess, EmulatorHost, free_port, write_broker_c
 REPO = Path(__file__).resolve().parents[1]
 
 
-def compare(a: Path, b: Path, rounds: int, requests: int) -> str:
+def compare(a: Path, b: Path, rounds: int, requests: int, *, misses: bool = False) -> str:
     workdir = Path(tempfile.mkdtemp(prefix="token-broker-compare-"))
     emulator = EmulatorHost(workdir)
     brokers: dict[str, BrokerProcess] = {}
@@ -30,7 +31,7 @@ def compare(a: Path, b: Path, rounds: int, requests: int) -> str:
     try:
         for label, src in (("A", a), ("B", b)):
             port = free_port()
-            config = write_broker_config(workdir, emulator.kubeconfig, cache=True, port=port)
+            config = write_broker_config(workdir, emulator.kubeconfig, cache=not misses, port=port)
             brokers[label] = BrokerProcess(config, workdir, port=port, src=src.resolve())
         for i in range(rounds):
             for label in ("A", "B") if i % 2 == 0 else ("B", "A"):
@@ -44,7 +45,8 @@ def compare(a: Path, b: Path, rounds: int, requests: int) -> str:
         emulator.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     lines = [
-        f"Cache hits, {rounds} alternating rounds of {requests:,} requests each:",
+        f"{'Cache misses' if misses else 'Cache hits'}, {rounds} alternating rounds of "
+        f"{requests:,} requests each:",
         "",
         "| broker | median req/s | median server CPU s/1k req | rounds (req/s) |",
         "|---|---:|---:|---|",
@@ -65,8 +67,9 @@ def main() -> int:
     parser.add_argument("b", type=Path, nargs="?", default=REPO, help="(after; this checkout)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--requests", type=int, default=6_000)
+    parser.add_argument("--misses", action="store_true", help="the cache off: every call a miss")
     args = parser.parse_args()
-    print(compare(args.a, args.b, args.rounds, args.requests))
+    print(compare(args.a, args.b, args.rounds, args.requests, misses=args.misses))
     return 0
 
 

@@ -44,6 +44,10 @@ STEPS = [
     ("broker/policy.py", "effective_request"),
     ("broker/cache.py", "for_request"),
     ("broker/cache.py", "get_or_fetch"),
+    ("broker/upstream_guard.py", "slot"),
+    ("broker/upstream.py", "create_token"),
+    ("broker/upstream.py", "_attempt_once"),
+    ("broker/upstream.py", "_outcome"),
     ("broker/audit.py", "for_call"),
     ("broker/audit.py", "write"),
     ("broker/audit.py", "to_json"),
@@ -132,7 +136,7 @@ def _frame(frame: str) -> tuple[str, str]:
 _WAITING = ("_worker (concurrent/futures/thread.py:81)", "Thread.run (threading.py:982)")
 
 
-def summarize_pyspy(raw: Path, requests: int, seconds: float) -> str:
+def summarize_pyspy(raw: Path, requests: int, seconds: float, what: str = "cache hits") -> str:
     """Shares of py-spy's samples (raw format: 'frame;frame;... count' per stack) of the
     event loop thread, where the request path runs, and what the other threads did."""
     own: Counter[str] = Counter()
@@ -163,7 +167,7 @@ def summarize_pyspy(raw: Path, requests: int, seconds: float) -> str:
     out = io.StringIO()
     out.write(
         f"py-spy samples of the broker process (500 Hz, {seconds:.0f} s of load, "
-        f"{requests:,} cache hits): event loop thread {loop_total:,} samples, other threads "
+        f"{requests:,} {what}): event loop thread {loop_total:,} samples, other threads "
         f"busy {other_total:,} (waiting threads left out)\n\n"
     )
     out.write("Request path steps, cumulative share of the event loop thread's samples:\n")
@@ -183,10 +187,16 @@ def summarize_pyspy(raw: Path, requests: int, seconds: float) -> str:
     return out.getvalue()
 
 
-def sample_hits(
-    workdir: Path, out_dir: Path, requests: int = REQUESTS, *, src: Path | None = None
+def sample(
+    workdir: Path,
+    out_dir: Path,
+    requests: int = REQUESTS,
+    *,
+    src: Path | None = None,
+    misses: bool = False,
 ) -> Path:
-    """py-spy over the broker in `src` (default: this checkout) on cache hits."""
+    """py-spy over the broker in `src` (default: this checkout) on cache hits (case 2), or
+    with `misses` on cache misses (case 3: the cache off, every call goes to the emulator)."""
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if py_spy is None:
         raise SystemExit("py-spy is not installed: make bench installs it (.[bench])")
@@ -194,11 +204,12 @@ def sample_hits(
     raw = workdir / "pyspy.txt"
     try:
         port = free_port()
-        config = write_broker_config(workdir, emulator.kubeconfig, cache=True, port=port)
+        config = write_broker_config(workdir, emulator.kubeconfig, cache=not misses, port=port)
         broker = BrokerProcess(config, workdir, port=port, src=src)
+        what = "cache misses" if misses else "cache hits"
         try:
             load(grpc_spec(broker.address, requests // 4), broker.pids, None)  # warm up
-            log(f"profile: {requests} cache hits sampled by py-spy")
+            log(f"profile: {requests} {what} sampled by py-spy")
             sampler = subprocess.Popen(
                 [py_spy, "record", "--rate", "500", "--format", "raw", "--output", str(raw),
                  "--pid", str(broker.pids[0])],
@@ -214,8 +225,8 @@ def sample_hits(
             broker.stop()
     finally:
         emulator.stop()
-    text = summarize_pyspy(raw, result.ok, seconds)
-    target = out_dir / "profile-pyspy.txt"
+    text = summarize_pyspy(raw, result.ok, seconds, what)
+    target = out_dir / ("profile-pyspy-misses.txt" if misses else "profile-pyspy.txt")
     target.write_text(text)
     print(text)
     return target
@@ -227,12 +238,15 @@ def main() -> int:
     parser.add_argument("--src", type=Path, help="another tree holding broker/ (e.g. before)")
     parser.add_argument("--name", default="profile.txt", help="file name in bench/results")
     parser.add_argument("--sampler", choices=("cprofile", "py-spy"), default="cprofile")
+    parser.add_argument(
+        "--misses", action="store_true", help="py-spy only: the cache off, every call a miss"
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="token-broker-profile-"))
     try:
         RESULTS.mkdir(parents=True, exist_ok=True)
         if args.sampler == "py-spy":
-            sample_hits(workdir, RESULTS, args.requests, src=args.src)
+            sample(workdir, RESULTS, args.requests, src=args.src, misses=args.misses)
         else:
             profile_hits(workdir, RESULTS, args.requests, src=args.src, name=args.name)
     finally:

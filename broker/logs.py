@@ -79,20 +79,27 @@ class RequestIdFilter(logging.Filter):
 
 
 def redact(text: str) -> str:
-    if text.isascii():
-        # Most log text holds none of the literals the patterns need: skip the regexes (the
-        # access line alone redacts ten strings per call). ASCII only, where lower() is exact
-        # for the patterns' IGNORECASE; replacements add none of these literals.
-        lowered = text.lower()
-        if (
-            "eyJ" not in text
-            and "bearer" not in lowered
-            and (":" not in text or not any(word in lowered for word in _KEY_WORDS))
-        ):
-            return text
+    if not _may_hold_secret(text):
+        return text
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
     return text
+
+
+def _may_hold_secret(text: str) -> bool:
+    """False when no redaction pattern can match `text`, found without the regexes.
+
+    Most log text holds none of the literals the patterns need. ASCII only, where lower()
+    is exact for the patterns' IGNORECASE; replacements add none of these literals.
+    """
+    if not text.isascii():
+        return True
+    lowered = text.lower()
+    return (
+        "eyJ" in text
+        or "bearer" in lowered
+        or (":" in text and any(word in lowered for word in _KEY_WORDS))
+    )
 
 
 def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -110,8 +117,11 @@ class RedactFilter(logging.Filter):
         # Formatted once here, so a redacted argument cannot be re-expanded later.
         record.msg = redact(message)
         record.args = None
-        for key, value in extra_fields(record).items():
-            if isinstance(value, str):
+        strings = {k: v for k, v in extra_fields(record).items() if isinstance(v, str)}
+        # One check over all of them (an access line has ten), then each only if needed: a
+        # pattern matching one string matches inside the joined text too.
+        if strings and _may_hold_secret("\n".join(strings.values())):
+            for key, value in strings.items():
                 setattr(record, key, redact(value))
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
@@ -170,6 +180,12 @@ def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> loggin
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.level.upper())
+    # No formatter here shows a record's source line, thread or process: logging need not
+    # look them up for every record (the logging HOWTO's "Optimization" settings).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # The Kubernetes client logs request and response bodies (tokens) at debug level.
     logging.getLogger("kubernetes").setLevel(max(root.level, logging.INFO))
     return handler

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
 import hashlib
 import io
@@ -152,6 +153,16 @@ def test_token_fields() -> None:
     assert token_fields(opaque) == (None, hashlib.sha256(b"not-a-jwt").hexdigest()[:16])
     assert token_fields("a.b.c")[0] is None
     assert token_fields("") == (None, None)
+    # Not three segments, a payload that is not UTF-8 or a JSON object: no jti.
+    assert token_fields(token + ".extra")[0] is None
+    assert token_fields(token.replace(".", "", 1))[0] is None
+    header = token.split(".")[0]
+    for bad_payload in (b"[1]", b"\xff", b"{"):
+        encoded = base64.urlsafe_b64encode(bad_payload).decode()
+        assert token_fields(f"{header}.{encoded}.s")[0] is None
+    # Unpadded base64url, as JWTs write it, with a jti that needs the full alphabet.
+    claims = base64.urlsafe_b64encode(b'{"jti":"\xc3\xa9~?>"}').decode().rstrip("=")
+    assert token_fields(f"{header}.{claims}.s")[0] == "é~?>"
 
 
 async def test_for_call_with_a_real_token(emulator: Emulator, upstream: UpstreamClient) -> None:

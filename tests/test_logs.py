@@ -52,6 +52,9 @@ def test_tokens_never_reach_the_output(restore_logging: None) -> None:
         log.info("message %s", JWT)
         log.info("literal " + JWT)
         log.info("header", extra={"authorization": "Bearer sekrit-value"})
+        # One secret among many clean fields (an access line's ten), and behind non-ASCII.
+        clean = {f"field_{i}": f"value-{i}" for i in range(10)}
+        log.info("fields", extra={**clean, "namespace": JWT, "user": f"é {JWT}"})
         try:
             raise ValueError(f"boom {JWT}")
         except ValueError:
@@ -59,7 +62,8 @@ def test_tokens_never_reach_the_output(restore_logging: None) -> None:
         out = stream.getvalue()
         assert JWT not in out, fmt
         assert "sekrit-value" not in out, fmt
-        assert out.count(REDACTED) >= 4, fmt
+        assert out.count(REDACTED) >= 6, fmt
+        assert "value-9" in out, fmt
 
 
 def test_level_filters(restore_logging: None) -> None:

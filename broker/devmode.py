@@ -126,11 +126,11 @@ async def run_dev(settings: Settings, out: TextIO | None = None) -> int:
             api_key = generate_api_key()
             await asyncio.to_thread(_write_private, workdir / "api-key", api_key)
             server = BrokerServer(dev_settings(settings, workdir, api_key))
-            with stop_signals_while_starting() as stop_requested:
+            with stop_signals_while_starting() as started:
                 await server.start()
                 stream.write(banner(server, emulator, workdir) + "\n")
                 stream.flush()
-                await serve_until_signal(server, stop_requested)
+                await serve_until_signal(server, started)
         finally:
             await emulator.stop()
     finally:

@@ -204,10 +204,14 @@ def _digest(contents: Sequence[bytes]) -> str:
 
 
 def reload_on_sighup(
-    loop: asyncio.AbstractEventLoop, files: Sequence[ReloadingFiles[Any]]
+    loop: asyncio.AbstractEventLoop,
+    files: Sequence[ReloadingFiles[Any]],
+    *,
+    pending: bool = False,
 ) -> Callable[[], None]:
     """SIGHUP re-reads each of `files` at once (they are polled too); returns a function
-    removing the handler."""
+    removing the handler. `pending`: a SIGHUP came before (while the server started), so they
+    are re-read now too."""
     tasks: set[asyncio.Task[None]] = set()
 
     async def reload_all() -> None:
@@ -223,4 +227,6 @@ def reload_on_sighup(
         loop.remove_signal_handler(signal.SIGHUP)
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    if pending:
+        on_sighup()
     return remove

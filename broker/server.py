@@ -473,45 +473,57 @@ async def run_server(settings: Settings) -> int:
     Raises ConfigError when the server cannot start (bad TLS files, busy port, ...).
     """
     server = BrokerServer(settings)
-    with stop_signals_while_starting() as stop_requested:
+    with stop_signals_while_starting() as started:
         await server.start()
-        await serve_until_signal(server, stop_requested)
+        await serve_until_signal(server, started)
     return 0
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+class StartSignals:
+    """The signals that came while a server started (`stop_signals_while_starting`)."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()  # SIGTERM/SIGINT: stop as soon as serving
+        self.reload = False  # SIGHUP: re-read the followed files as soon as serving
+
+
 @contextlib.contextmanager
-def stop_signals_while_starting() -> Iterator[asyncio.Event]:
-    """SIGTERM/SIGINT handlers for a server's start: a signal then is remembered in the
-    event (pass it to `serve_until_signal`, which stops at once), not fatal. Without them a
-    signal in the instant between the listeners opening and `serve_until_signal` would kill
-    the process with the calls it had already accepted."""
+def stop_signals_while_starting() -> Iterator[StartSignals]:
+    """SIGTERM/SIGINT/SIGHUP handlers for a server's start: a signal then is remembered (pass
+    the result to `serve_until_signal`, which acts on it), not fatal. Without them a signal in
+    the instant between the listeners opening and `serve_until_signal` would kill the process
+    with the calls it had already accepted (SIGHUP's default action terminates too)."""
     loop = asyncio.get_running_loop()
-    requested = asyncio.Event()
+    started = StartSignals()
+
+    def on_sighup() -> None:
+        started.reload = True
+
     for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, requested.set)
+        loop.add_signal_handler(sig, started.stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     try:
-        yield requested
+        yield started
     finally:
-        for sig in STOP_SIGNALS:
+        for sig in (*STOP_SIGNALS, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
 
-async def serve_until_signal(
-    server: BrokerServer, stop_requested: asyncio.Event | None = None
-) -> None:
+async def serve_until_signal(server: BrokerServer, started: StartSignals | None = None) -> None:
     """Wait for SIGTERM/SIGINT (or the server ending), then stop: not ready at once, serving
     on for `server.shutdownDelaySeconds`, then the graceful stop with `shutdownGraceSeconds`.
 
     A second signal, during the delay or the grace period, cancels the calls in flight and
-    stops at once. `stop_requested`: from `stop_signals_while_starting`; already set (a
-    signal came while the server started), the server stops without the delay.
+    stops at once. `started`: from `stop_signals_while_starting`; a stop signal came while the
+    server started: it stops without the delay; a SIGHUP: the files are re-read at once.
     """
     loop = asyncio.get_running_loop()
-    if stop_requested is None:
-        stop_requested = asyncio.Event()
+    if started is None:
+        started = StartSignals()
+    stop_requested = started.stop
     signalled_while_starting = stop_requested.is_set()
     background: set[asyncio.Task[None]] = set()
 
@@ -528,7 +540,7 @@ async def serve_until_signal(
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
     # SIGHUP re-reads the followed files at once (they are also polled).
-    remove_sighup = reload_on_sighup(loop, server.reloading_files)
+    remove_sighup = reload_on_sighup(loop, server.reloading_files, pending=started.reload)
     terminated = asyncio.ensure_future(server.wait_for_termination())
     requested = asyncio.ensure_future(stop_requested.wait())
     try:

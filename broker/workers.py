@@ -305,12 +305,13 @@ def _watch_supervisor() -> None:
 async def _serve_worker(settings: Settings, early: list[int]) -> int:
     from broker.server import BrokerServer, serve_until_signal, stop_signals_while_starting
 
-    with stop_signals_while_starting() as stop_requested:
-        if early:
-            stop_requested.set()
+    with stop_signals_while_starting() as started:
+        if signal.SIGTERM in early or signal.SIGINT in early:
+            started.stop.set()
+        started.reload = signal.SIGHUP in early
         server = BrokerServer(settings, reuse_port=True)
         await server.start()
-        await serve_until_signal(server, stop_requested)
+        await serve_until_signal(server, started)
     return 0
 
 
@@ -324,7 +325,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     # Signals that arrive while starting are remembered, not fatal.
     signal.signal(signal.SIGTERM, remember)
     signal.signal(signal.SIGINT, remember)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve_until_signal takes it
+    signal.signal(signal.SIGHUP, remember)
     parser = argparse.ArgumentParser(prog="python -m broker.workers")
     parser.add_argument("--index", type=int, required=True)
     args = parser.parse_args(argv)

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import socket
 import stat
 import sys
@@ -22,8 +23,10 @@ from cli_support import Pki, issue
 from conftest import (
     CALLER_KEY,
     CALLER_METADATA,
+    CORE_POLICY,
     NAMESPACE,
     SERVICE_ACCOUNT,
+    access_config,
     broker_settings,
     create_request,
 )
@@ -31,10 +34,15 @@ from cryptography import x509
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from broker.config import ConfigError, KubernetesSettings
+from broker.config import ConfigError, KubernetesSettings, load_settings
 from broker.emulator import Emulator
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
-from broker.server import SERVICE_NAME, BrokerServer
+from broker.server import (
+    SERVICE_NAME,
+    BrokerServer,
+    serve_until_signal,
+    stop_signals_while_starting,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -117,6 +125,45 @@ async def test_graceful_shutdown_reports_not_serving_and_finishes_in_flight_call
         with pytest.raises(aio.AioRpcError) as info:
             await health(channel)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_signals_while_starting_are_acted_on_once_serving(
+    kubernetes_settings: KubernetesSettings, tmp_path: Path
+) -> None:
+    # Between the listeners opening and serve_until_signal, SIGHUP and SIGTERM would kill the
+    # process (their default action) with the calls it had accepted: they are remembered.
+    policy = tmp_path / "policy.yaml"
+    shutil.copyfile(CORE_POLICY, policy)
+    settings = load_settings(
+        None,
+        {
+            "server": {"listen": "127.0.0.1:0", "allowPlaintext": True},
+            "kubernetes": kubernetes_settings,
+            "cache": {"enabled": False},
+            "rateLimit": {"enabled": False},
+            **access_config(),
+            # Far longer than the test: only the SIGHUP re-reads the file.
+            "policy": {"file": str(policy), "reloadIntervalSeconds": 3600},
+        },
+    )
+    server = BrokerServer(settings)
+    with stop_signals_while_starting() as started:
+        await server.start()
+        [policy_file] = [f for f in server.reloading_files if f.paths == (policy,)]
+        policy.write_text(policy.read_text() + "\n# edited while the broker started\n")
+        os.kill(os.getpid(), signal.SIGHUP)
+        while not started.reload:
+            await asyncio.sleep(0.01)
+        assert policy_file.reload_count == 0  # not while starting
+        serving = asyncio.ensure_future(serve_until_signal(server, started))
+        while policy_file.reload_count == 0:  # re-read once serving
+            assert not serving.done()
+            await asyncio.sleep(0.01)
+        async with aio.insecure_channel(server.address) as channel:
+            assert (await get_token(channel)).count(".") == 2
+        os.kill(os.getpid(), signal.SIGTERM)
+        await serving
+    assert policy_file.reload_count == 1
 
 
 async def test_stop_without_grace_cancels_in_flight_calls(

@@ -184,6 +184,7 @@ class AuditRecord:
         rule: str | None = None,
         decision: Decision | None = None,
         upstream_status: int | None = None,
+        cache_hit: bool = False,
         time: datetime | None = None,
     ) -> AuditRecord:
         """The record of one CreateToken call.
@@ -196,8 +197,8 @@ class AuditRecord:
           when the broker's own checks refused (INVALID_ARGUMENT, UNAUTHENTICATED,
           PERMISSION_DENIED, RESOURCE_EXHAUSTED not relayed from Kubernetes), else "error".
         - `upstream_status` defaults to the relayed HTTP status of the error, or 201 for a
-          result; a result that did not come from the API server (a cache hit) should be
-          recorded with `dataclasses.replace(record, upstream_status=None)`.
+          result; with `cache_hit` (the result came from the token cache, not from the API
+          server) to None.
         """
         spec = request.token_request.spec
         jti: str | None = None
@@ -211,7 +212,7 @@ class AuditRecord:
             if answered.spec.HasField("expiration_seconds"):
                 granted_expiration = answered.spec.expiration_seconds
         outcome, reason, code, relayed_status = _outcome(error)
-        if upstream_status is None:
+        if upstream_status is None and not cache_hit:
             upstream_status = relayed_status
             if upstream_status is None and result is not None:
                 upstream_status = HTTP_CREATED

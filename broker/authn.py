@@ -295,7 +295,8 @@ def _bearer(context: Context) -> _Bearer | None:
     credential = credential.strip()
     if scheme.lower() != "bearer" or not credential:
         raise _Refused("bearer", "authorization header is not 'Bearer <credential>'")
-    if len(credential) > MAX_BEARER_CHARS or any(c.isspace() for c in credential):
+    # split() breaks at any str.isspace() character: one part means no whitespace inside.
+    if len(credential) > MAX_BEARER_CHARS or len(credential.split()) != 1:
         raise _Refused("bearer", "malformed bearer credential")
     return _Bearer(credential)
 

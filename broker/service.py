@@ -134,9 +134,8 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
             result=call.result,
             error=error,
             rule=call.decision.rule if call.decision is not None else None,
+            cache_hit=call.cache_hit,
         )
-        if call.cache_hit:
-            record = dataclasses.replace(record, upstream_status=None)
         try:
             await self._audit.write(record)
         except AuditWriteError as exc:

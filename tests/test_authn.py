@@ -339,6 +339,7 @@ async def test_api_keys_from_a_file_and_inline(api_key_file: tuple[Path, dict[st
         assert_refused(await refused(channel, keys["nightly"][:-1]))
         assert_refused(await refused(channel, raw=f"Basic {inline}"))
         assert_refused(await refused(channel, raw="Bearer "))
+        assert_refused(await refused(channel, raw=f"Bearer {inline[:9]} {inline[9:]}"))
         assert_refused(await refused(channel), REASON_CREDENTIALS_MISSING)
 
 

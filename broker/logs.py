@@ -11,10 +11,13 @@ interceptor (broker.observe) binds it with `bind_request_id`, a context variable
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import json
 import logging
+import logging.handlers
+import queue
 import re
 import sys
 from collections.abc import Iterator
@@ -169,9 +172,34 @@ class TextFormatter(logging.Formatter):
         return f"{first} {pairs}{sep}{rest}"
 
 
+class _PreparedLine(logging.Formatter):
+    """The line QueueHandler.prepare() formatted, as it is (exception text included)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage()
+
+
 def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> logging.Handler:
-    """Route all logging to one redacting handler on `stream` (stderr); returns the handler."""
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    """Route all logging to one redacting handler; returns the handler.
+
+    Without `stream`, lines go to stderr from a writer thread (the logging cookbook's
+    QueueHandler and QueueListener): a log call formats its line where it is made (the
+    request id is the caller's context) and queues it, and the event loop never waits on a
+    stderr pipe the container runtime is slow to drain. The thread writes what is queued at
+    exit (`stop_log_writer`). An explicit `stream` is written synchronously (tests).
+    """
+    stop_log_writer()
+    handler: logging.Handler
+    if stream is None:
+        lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        handler = logging.handlers.QueueHandler(lines)
+        output = logging.StreamHandler(sys.stderr)
+        output.setFormatter(_PreparedLine())
+        writer = logging.handlers.QueueListener(lines, output)
+        writer.start()
+        _writers.append(writer)
+    else:
+        handler = logging.StreamHandler(stream)
     handler.addFilter(RequestIdFilter())
     handler.addFilter(RedactFilter())
     handler.setFormatter(JsonFormatter() if settings.format == "json" else TextFormatter())
@@ -189,3 +217,17 @@ def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> loggin
     # The Kubernetes client logs request and response bodies (tokens) at debug level.
     logging.getLogger("kubernetes").setLevel(max(root.level, logging.INFO))
     return handler
+
+
+# The writer thread of the stderr handler installed by setup_logging, if any.
+_writers: list[logging.handlers.QueueListener] = []
+
+
+def stop_log_writer() -> None:
+    """Write out the queued lines and end the writer thread (at exit; idempotent)."""
+    while _writers:
+        _writers.pop().stop()
+
+
+# Before logging's own atexit hook (registered earlier, so run later).
+atexit.register(stop_log_writer)

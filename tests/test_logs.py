@@ -5,9 +5,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
+import threading
+
+import pytest
 
 from broker.config import LogSettings
-from broker.logs import REDACTED, redact, setup_logging
+from broker.logs import REDACTED, bind_request_id, redact, setup_logging, stop_log_writer
 
 JWT = (
     "eyJhbGciOiJSUzI1NiIsImtpZCI6ImFiYyJ9"
@@ -80,3 +84,41 @@ def test_kubernetes_client_debug_bodies_are_not_logged(restore_logging: None) ->
     stream = capture("json", level="debug")
     logging.getLogger("kubernetes.client.rest").debug("response body: %s", "{...}")
     assert stream.getvalue() == ""
+
+
+class BlockedStderr(io.StringIO):
+    """A stderr whose writes wait until released: a pipe nobody drains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.writers: set[threading.Thread] = set()
+
+    def write(self, text: str) -> int:
+        self.writers.add(threading.current_thread())
+        # Bounded, so that a write made by the caller's thread fails the test, not hangs it.
+        self.release.wait(60)
+        return super().write(text)
+
+
+def test_stderr_is_written_by_a_writer_thread(
+    restore_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The event loop must never wait on stderr: the line is formatted and redacted where the
+    # call is made (with its request id), and written by another thread.
+    stderr = BlockedStderr()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    setup_logging(LogSettings(level="info", format="json"))
+    log = logging.getLogger("broker.test")
+    with bind_request_id("req-1"):
+        log.info("issued %s", JWT)  # returns although stderr does not take the line
+    log.info("second")
+    assert stderr.getvalue() == ""
+    stderr.release.set()
+    stop_log_writer()  # as at exit: what is queued is written
+    lines = [json.loads(line) for line in stderr.getvalue().splitlines()]
+    assert [line["message"] for line in lines] == [f"issued {REDACTED}", "second"]
+    assert lines[0]["request_id"] == "req-1"
+    assert "request_id" not in lines[1]
+    assert stderr.writers and threading.current_thread() not in stderr.writers
+    assert JWT not in stderr.getvalue()

@@ -14,13 +14,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import contextvars
+import io
 import json
 import logging
-import logging.handlers
-import queue
 import re
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -172,37 +172,31 @@ class TextFormatter(logging.Formatter):
         return f"{first} {pairs}{sep}{rest}"
 
 
-class _PreparedLine(logging.Formatter):
-    """The line QueueHandler.prepare() formatted, as it is (exception text included)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return record.getMessage()
-
-
 def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> logging.Handler:
     """Route all logging to one redacting handler; returns the handler.
 
-    Without `stream`, lines go to stderr from a writer thread (the logging cookbook's
-    QueueHandler and QueueListener): a log call formats its line where it is made (the
-    request id is the caller's context) and queues it, and the event loop never waits on a
-    stderr pipe the container runtime is slow to drain. The thread writes what is queued at
-    exit (`stop_log_writer`). An explicit `stream` is written synchronously (tests).
+    Without `stream`, lines go to stderr through a `BackgroundLineWriter`: the event loop
+    never waits on a stderr pipe the container runtime is slow to drain. An explicit
+    `stream` is written synchronously (tests).
     """
     stop_log_writer()
-    handler: logging.Handler
+    formatter = JsonFormatter() if settings.format == "json" else TextFormatter()
     if stream is None:
-        lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-        handler = logging.handlers.QueueHandler(lines)
-        output = logging.StreamHandler(sys.stderr)
-        output.setFormatter(_PreparedLine())
-        writer = logging.handlers.QueueListener(lines, output)
-        writer.start()
+
+        def dropped_notice(count: int) -> str:
+            record = logging.LogRecord(
+                __name__, logging.WARNING, __file__, 0, _DROPPED, (count,), None
+            )
+            return formatter.format(record) + "\n"
+
+        writer = BackgroundLineWriter(sys.stderr, dropped_notice=dropped_notice)
         _writers.append(writer)
+        handler: logging.Handler = logging.StreamHandler(writer)
     else:
         handler = logging.StreamHandler(stream)
     handler.addFilter(RequestIdFilter())
     handler.addFilter(RedactFilter())
-    handler.setFormatter(JsonFormatter() if settings.format == "json" else TextFormatter())
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -219,8 +213,84 @@ def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> loggin
     return handler
 
 
-# The writer thread of the stderr handler installed by setup_logging, if any.
-_writers: list[logging.handlers.QueueListener] = []
+_DROPPED = "%d log lines dropped: stderr did not take them"
+
+
+class BackgroundLineWriter(io.TextIOBase):
+    """The stream of a log handler: write() queues the line, a writer thread writes them.
+
+    StreamHandler calls flush() after every line; that wakes the thread, which writes all
+    the lines queued by then in one call: one system call for many lines, none made by the
+    event loop. At most `max_pending_chars` wait; beyond that lines are dropped (a stderr
+    nobody reads must not grow the broker's memory) and a notice says how many.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO,
+        *,
+        dropped_notice: Callable[[int], str],
+        max_pending_chars: int = 8 * 1024 * 1024,
+    ) -> None:
+        super().__init__()
+        self._stream = stream
+        self._dropped_notice = dropped_notice
+        self._max_pending_chars = max_pending_chars
+        self._lock = threading.Lock()
+        self._pending: list[str] = []
+        self._pending_chars = 0
+        self._dropped = 0
+        self._stopping = False
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            if self._pending_chars + len(text) > self._max_pending_chars:
+                self._dropped += 1
+            else:
+                self._pending.append(text)
+                self._pending_chars += len(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def stop(self) -> None:
+        """Write what is queued and end the thread (at exit; idempotent)."""
+        with self._lock:
+            self._stopping = True
+        self._wake.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            # Cleared before taking the lines: a line queued after this is woken for again.
+            self._wake.clear()
+            with self._lock:
+                lines, self._pending, self._pending_chars = self._pending, [], 0
+                dropped, self._dropped = self._dropped, 0
+                stopping = self._stopping
+            if dropped:
+                lines.append(self._dropped_notice(dropped))
+            if lines:
+                try:
+                    self._stream.write("".join(lines))
+                    self._stream.flush()
+                except (OSError, ValueError):
+                    pass  # stderr is gone: there is nowhere to say so
+            if stopping:
+                return
+
+
+# The writer of the stderr handler installed by setup_logging, if any.
+_writers: list[BackgroundLineWriter] = []
 
 
 def stop_log_writer() -> None:

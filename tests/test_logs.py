@@ -11,7 +11,14 @@ import threading
 import pytest
 
 from broker.config import LogSettings
-from broker.logs import REDACTED, bind_request_id, redact, setup_logging, stop_log_writer
+from broker.logs import (
+    REDACTED,
+    BackgroundLineWriter,
+    bind_request_id,
+    redact,
+    setup_logging,
+    stop_log_writer,
+)
 
 JWT = (
     "eyJhbGciOiJSUzI1NiIsImtpZCI6ImFiYyJ9"
@@ -122,3 +129,17 @@ def test_stderr_is_written_by_a_writer_thread(
     assert "request_id" not in lines[1]
     assert stderr.writers and threading.current_thread() not in stderr.writers
     assert JWT not in stderr.getvalue()
+
+
+def test_lines_beyond_the_bound_are_dropped_and_counted() -> None:
+    # A stderr that takes nothing must not grow the broker's memory without bound.
+    stderr = BlockedStderr()
+    writer = BackgroundLineWriter(
+        stderr, dropped_notice=lambda n: f"{n} dropped\n", max_pending_chars=100
+    )
+    for i in range(30):
+        writer.write(f"line-{i:04d}\n")  # 10 characters: 10 lines fit
+    stderr.release.set()
+    writer.stop()
+    assert stderr.getvalue() == "".join(f"line-{i:04d}\n" for i in range(10)) + "20 dropped\n"
+    writer.stop()  # idempotent

@@ -132,8 +132,13 @@ def _frame(frame: str) -> tuple[str, str]:
 
 
 # Leaf frames of threads that wait: an executor worker blocked on its queue, a thread blocked
-# in C (gRPC's own pollers). py-spy's idle detection misses them; they are not CPU time.
-_WAITING = ("_worker (concurrent/futures/thread.py:81)", "Thread.run (threading.py:982)")
+# in C (gRPC's own pollers), the log writer waiting for lines. py-spy's idle detection misses
+# them; they are not CPU time.
+_WAITING = (
+    "_worker (concurrent/futures/thread.py:81)",
+    "Thread.run (threading.py:982)",
+    "Condition.wait (threading.py:",
+)
 
 
 def summarize_pyspy(raw: Path, requests: int, seconds: float, what: str = "cache hits") -> str:
@@ -150,7 +155,7 @@ def summarize_pyspy(raw: Path, requests: int, seconds: float, what: str = "cache
         n = int(count)
         frames = stack.split(";")
         if not any("run_forever" in f for f in frames):
-            if frames[-1] not in _WAITING:
+            if not frames[-1].startswith(_WAITING):
                 other_total += n
                 other[frames[-1]] += n
             continue

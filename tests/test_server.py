@@ -166,6 +166,26 @@ async def test_signals_while_starting_are_acted_on_once_serving(
     assert policy_file.reload_count == 1
 
 
+async def test_sigterm_while_starting_stops_once_serving_without_the_delay(
+    kubernetes_settings: KubernetesSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="broker.server")
+    # Never ready, so never in rotation: no reason to keep serving for the delay.
+    server = BrokerServer(broker_settings(kubernetes_settings, shutdown_delay_seconds=3600))
+    with stop_signals_while_starting() as started:
+        await server.start()
+        os.kill(os.getpid(), signal.SIGTERM)  # would end the test process, unhandled
+        while not started.stop.is_set():
+            await asyncio.sleep(0.01)
+        await serve_until_signal(server, started)
+    messages = [r.getMessage() for r in caplog.records if r.name == "broker.server"]
+    assert not any(m.startswith("not ready; serving on") for m in messages)
+    async with aio.insecure_channel(server.address) as channel:
+        with pytest.raises(aio.AioRpcError) as info:
+            await health(channel)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
 async def test_stop_without_grace_cancels_in_flight_calls(
     emulator: Emulator, running: BrokerServer
 ) -> None:

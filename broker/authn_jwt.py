@@ -24,6 +24,7 @@ import binascii
 import json
 import logging
 import re
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -190,6 +191,7 @@ class JwksUrlCache:
     ) -> None:
         assert settings.jwks_url is not None
         self._url = settings.jwks_url
+        self._ca_file = settings.jwks_ca_file
         self._issuer = settings.issuer
         self._ttl = settings.jwks_cache_seconds
         self._min_interval = settings.jwks_min_refresh_seconds
@@ -245,7 +247,7 @@ class JwksUrlCache:
             self._attempted_at = self._clock()
             try:
                 keys = await self._fetch()
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
                 logger.warning(
                     "JWKS fetch failed; keeping the last good keys",
                     extra={
@@ -266,8 +268,11 @@ class JwksUrlCache:
             )
 
     async def _fetch(self) -> KeySet:
+        tls: ssl.SSLContext | bool = True  # the system's CAs
+        if self._ca_file is not None:
+            tls = await asyncio.to_thread(ca_bundle_context, self._ca_file)
         async with self._session.get(
-            self._url, timeout=self._timeout, allow_redirects=False
+            self._url, timeout=self._timeout, allow_redirects=False, ssl=tls
         ) as resp:
             if resp.status != 200:
                 raise ValueError(f"HTTP status {resp.status}")
@@ -281,6 +286,14 @@ class JwksUrlCache:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ValueError("JWKS is not JSON") from None
         return KeySet.parse(data)
+
+
+def ca_bundle_context(path: Path) -> ssl.SSLContext:
+    """A client TLS context trusting the CA certificates in `path` (PEM) only.
+
+    Raises OSError when the file cannot be read, ssl.SSLError (an OSError too) when it holds
+    no certificate."""
+    return ssl.create_default_context(cafile=str(path))
 
 
 class _FileKeys:
@@ -395,6 +408,15 @@ class JwtVerifier:
                     keys = _FileKeys(await files.open())
                     self._files.append(files)
                 else:
+                    if issuer.jwks_ca_file is not None:
+                        key = f"authentication.jwt.issuers[{index}].jwksCaFile"
+                        try:
+                            await asyncio.to_thread(ca_bundle_context, issuer.jwks_ca_file)
+                        except OSError as exc:
+                            raise ConfigError(
+                                f"{key}: {issuer.jwks_ca_file} is not a readable PEM CA "
+                                f"bundle ({exc.strerror or type(exc).__name__})"
+                            ) from None
                     if self._session is None:
                         self._session = aiohttp.ClientSession()
                     keys = JwksUrlCache(issuer, self._session, self._clock)

@@ -269,6 +269,9 @@ class JwtIssuerSettings(_Section):
     # The issuer's public keys: a JWKS file, or a URL fetched and cached.
     jwks_file: Path | None = None
     jwks_url: str | None = None
+    # jwksUrl: the CA bundle its TLS certificate must chain to (default: the system's CAs),
+    # for an issuer behind a private CA. Read at every fetch, so a rotated bundle counts.
+    jwks_ca_file: Path | None = None
     algorithms: tuple[str, ...] = ("RS256", "ES256")
     clock_skew_seconds: int = Field(default=60, ge=0, le=600)
     # The claim naming the caller.
@@ -313,6 +316,8 @@ class JwtIssuerSettings(_Section):
     def _one_key_source(self) -> JwtIssuerSettings:
         if (self.jwks_file is None) == (self.jwks_url is None):
             raise ValueError("set exactly one of jwksFile or jwksUrl")
+        if self.jwks_ca_file is not None and not (self.jwks_url or "").startswith("https:"):
+            raise ValueError("jwksCaFile is for an https jwksUrl")
         return self
 
 

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import json
 import logging
+import ssl
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -651,6 +652,7 @@ async def test_jwt_identity_claim_and_read_only_claims(tmp_path: Path, rsa_signe
         ({"audiences": []}, r"issuers\.0\.audiences: .*at least one"),
         ({"jwksUrl": "https://issuer.example/jwks"}, r"issuers\.0: .*exactly one of"),
         ({"jwksFile": None}, r"issuers\.0: .*exactly one of"),
+        ({"jwksCaFile": "/ca.crt"}, r"issuers\.0: .*jwksCaFile is for an https jwksUrl"),
     ],
 )
 def test_jwt_config_errors_name_the_key(issuer: dict[str, Any], expected: str) -> None:
@@ -786,6 +788,65 @@ async def test_jwks_url_cached_refetched_on_unknown_kid_rate_limited(
         assert jwks_server.fetches == 4
         assert await call(channel, ec_signer.mint())
         assert await call(channel, rsa_signer.mint())
+
+
+@pytest.fixture
+async def https_jwks_server(
+    rsa_signer: Signer, tmp_path: Path
+) -> AsyncIterator[tuple[JwksServer, trustme.CA]]:
+    """The JWKS behind a private CA (an in-house identity provider)."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    server = JwksServer(jwks=[rsa_signer.jwk()], fetched=asyncio.Event())
+    server.app.router.add_get("/jwks", server.handle)
+    runner = web.AppRunner(server.app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    server.url = f"https://{host}:{port}/jwks"
+    try:
+        yield server, ca
+    finally:
+        await runner.cleanup()
+
+
+async def test_jwks_url_behind_a_private_ca(
+    https_jwks_server: tuple[JwksServer, trustme.CA],
+    rsa_signer: Signer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server, ca = https_jwks_server
+    ca_file, stranger = tmp_path / "ca.crt", tmp_path / "stranger.crt"
+    ca.cert_pem.write_to_path(str(ca_file))
+    trustme.CA().cert_pem.write_to_path(str(stranger))
+    settings = issuer_settings(jwksUrl=server.url, jwksCaFile=str(ca_file))
+    async with authenticator(settings) as authn, plaintext_server(authn) as channel:
+        assert (await call(channel, rsa_signer.mint()))["method"] == "jwt"
+    assert server.fetches == 1
+    # The system's CAs, or a CA that did not sign the server's certificate: no keys.
+    caplog.set_level(logging.WARNING, logger="broker.authn")
+    for trust in ({}, {"jwksCaFile": str(stranger)}):
+        caplog.clear()
+        settings = issuer_settings(jwksUrl=server.url, jwksMinRefreshSeconds=0, **trust)
+        async with authenticator(settings) as authn, plaintext_server(authn) as channel:
+            assert_refused(await refused(channel, rsa_signer.mint()))
+        failures = [r for r in caplog.records if r.getMessage().startswith("JWKS fetch failed")]
+        assert failures
+        assert all("CERTIFICATE_VERIFY_FAILED" in str(r.__dict__["error"]) for r in failures)
+    assert server.fetches == 1  # no request got past a handshake
+
+
+async def test_jwks_ca_file_is_checked_at_start(tmp_path: Path) -> None:
+    not_pem = tmp_path / "ca.crt"
+    not_pem.write_text("not a certificate")
+    for path in (tmp_path / "missing.crt", not_pem):
+        settings = issuer_settings(jwksUrl="https://idp.example/jwks", jwksCaFile=str(path))
+        with pytest.raises(ConfigError, match=r"issuers\[0\]\.jwksCaFile: .* PEM CA bundle"):
+            async with authenticator(settings):
+                pass
 
 
 async def test_jwks_url_unreachable_at_start_recovers(

@@ -525,6 +525,7 @@ def test_rendered_config_and_policy_load_with_the_broker(name: str) -> None:
         settings.server.tls.client_ca_file,
         settings.authentication.api_keys.file,
         *(i.jwks_file for i in settings.authentication.jwt.issuers),
+        *(i.jwks_ca_file for i in settings.authentication.jwt.issuers),
         settings.rate_limit.redis.password_file,
         settings.rate_limit.redis.tls.ca_file,
         settings.rate_limit.redis.tls.cert_file,
@@ -543,9 +544,12 @@ def test_production_config_says_what_the_values_say() -> None:
     assert tls.require_client_cert is False
     assert settings.authentication.mtls.enabled is True
     assert settings.authentication.api_keys.file is not None
-    github, internal = settings.authentication.jwt.issuers
+    github, internal, corp = settings.authentication.jwt.issuers
     assert github.jwks_url == "https://token.actions.githubusercontent.com/.well-known/jwks"
+    assert github.jwks_ca_file is None  # the system's CAs
     assert internal.jwks_file is not None and internal.algorithms == ("ES256",)
+    assert corp.jwks_url == "https://sso.corp.example/oauth2/jwks"
+    assert corp.jwks_ca_file == Path("/var/run/secrets/token-broker/jwks-ca/2/ca.crt")
     assert settings.audit.fail_closed is True
     assert settings.metrics.caller_labels is True
     redis = settings.rate_limit.redis
@@ -560,10 +564,12 @@ def test_production_config_says_what_the_values_say() -> None:
         "client-ca": "token-broker-client-ca",
         "api-keys": "token-broker-api-keys",
         "jwks-1": "internal-oidc-jwks",
+        "jwks-ca-2": "corp-root-ca",
         "redis-password": "token-broker-redis",
         "redis-ca": "redis-ca",
     }
     assert volumes["redis-password"]["secret"]["items"] == [{"key": "password", "path": "password"}]
+    assert volumes["jwks-ca-2"]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
 
 
 def test_pods_leave_the_endpoints_before_the_listeners_close() -> None:
@@ -607,7 +613,11 @@ SCHEMA_SECTIONS: list[tuple[str, type[BaseModel], set[str]]] = [
     ("authentication.mtls", broker_config.MTLSAuthSettings, set()),
     ("authentication.apiKeys", broker_config.ApiKeySettings, {"existingSecret", "secretKey"}),
     ("authentication.apiKeys.keys[]", broker_config.ApiKeyEntry, set()),
-    ("authentication.jwt.issuers[]", broker_config.JwtIssuerSettings, {"jwksSecret"}),
+    (
+        "authentication.jwt.issuers[]",
+        broker_config.JwtIssuerSettings,
+        {"jwksSecret", "jwksCaSecret"},
+    ),
     ("policy", broker_config.PolicySettings, {"rules"}),
     ("policy.rules[]", policy_schema.Rule, set()),
     ("policy.rules[].subjects[]", policy_schema.Subject, set()),
@@ -670,6 +680,23 @@ def test_schema_accepts_only_keys_the_broker_accepts(
         (
             {"podDisruptionBudget": {"enabled": True, "minAvailable": 1, "maxUnavailable": 1}},
             "at '/podDisruptionBudget'",
+        ),
+        (  # a JWKS CA is for a jwksUrl, not a JWKS file
+            {
+                "authentication": {
+                    "jwt": {
+                        "issuers": [
+                            {
+                                "issuer": "https://sso.example",
+                                "audiences": ["tb"],
+                                "jwksSecret": {"name": "jwks"},
+                                "jwksCaSecret": {"name": "ca"},
+                            }
+                        ]
+                    }
+                }
+            },
+            "at '/authentication/jwt/issuers/0'",
         ),
     ],
 )

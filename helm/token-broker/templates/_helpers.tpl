@@ -113,9 +113,12 @@ a change rolls the pods; the policy is a separate file the broker reloads by its
 {{- end -}}
 {{- $issuers := list -}}
 {{- range $i, $issuer := $v.authentication.jwt.issuers -}}
-{{- $out := omit $issuer "jwksSecret" -}}
+{{- $out := omit $issuer "jwksSecret" "jwksCaSecret" -}}
 {{- if $issuer.jwksSecret -}}
 {{- $_ := set $out "jwksFile" (printf "%s/jwks/%d/jwks.json" $secrets $i) -}}
+{{- end -}}
+{{- if $issuer.jwksCaSecret -}}
+{{- $_ := set $out "jwksCaFile" (printf "%s/jwks-ca/%d/ca.crt" $secrets $i) -}}
 {{- end -}}
 {{- $issuers = append $issuers $out -}}
 {{- end -}}

@@ -21,6 +21,7 @@ import pytest
 import trustme
 import yaml
 from conftest import CALLER_KEY, access_config
+from suite_secrets import SUITE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,6 +56,8 @@ async def run_cli(*args: str, credential: str | None = CALLER_KEY) -> tuple[int,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode is not None
+    # The suite-wide secrets scan reads stderr (stdout is what was asked for: the token).
+    SUITE.add("cli stderr", err.decode())
     return proc.returncode, out.decode(), err.decode()
 
 
@@ -75,6 +78,7 @@ class Process:
             asyncio.ensure_future(self._pump(proc.stderr, self.stderr)),
         ]
         self._new_line = asyncio.Event()
+        SUITE.children.append(self)  # for the suite-wide secrets scan
 
     async def _pump(self, stream: asyncio.StreamReader, lines: list[str]) -> None:
         async for raw in stream:

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+import suite_secrets
 from grpc import aio
 
 from broker.authn import hash_api_key
@@ -79,6 +80,24 @@ TEST_RETRY = {
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "emulator_config(**fields): EmulatorConfig overrides")
     config.addinivalue_line("markers", "retry(**fields): RetrySettings overrides")
+
+
+# The suite-wide secrets scan (tests/suite_secrets.py): collected all session, checked by the
+# last test of the session.
+SECRETS_SCAN_TEST = (
+    "test_secrets_suite.py::test_no_token_or_credential_in_anything_the_broker_wrote"
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _watch_the_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    yield from suite_secrets.watch(tmp_path_factory)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The suite-wide secrets scan runs after every other test."""
+    last = [item for item in items if item.nodeid.endswith(SECRETS_SCAN_TEST)]
+    items[:] = [item for item in items if item not in last] + last
 
 
 @pytest.fixture(autouse=True)

@@ -24,8 +24,8 @@ only stop a hung test.
 5. Secrets (test_zz_*, last): no issued token and no credential (the caller's API key, the
    broker's own Kubernetes credential) in anything this module captured: log records of
    every logger at DEBUG, audit lines, /metrics of every broker it ran, the child broker's
-   output, and every error message and trailer received. Module-wide only: a suite-wide scan
-   would need hooks in tests/conftest.py.
+   output, and every error message and trailer received. tests/test_secrets_suite.py does
+   the same over the whole suite.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from broker.authn_apikeys import generate_api_key, hash_api_key
 from broker.config import Settings
 from broker.emulator import Emulator
 from broker.policy import DEV_POLICY_FILE
-from broker.server import BrokerServer, serve_until_signal, stop_signals_while_starting
+from broker.server import BrokerServer, serve_until_signal, signals_while_starting
 
 DEV_SEED = Path(__file__).parent / "emulator" / "dev-seed.yaml"
 BROKER_IDENTITY = "system:serviceaccount:token-broker:token-broker"
@@ -126,7 +126,7 @@ async def run_dev(settings: Settings, out: TextIO | None = None) -> int:
             api_key = generate_api_key()
             await asyncio.to_thread(_write_private, workdir / "api-key", api_key)
             server = BrokerServer(dev_settings(settings, workdir, api_key))
-            with stop_signals_while_starting() as started:
+            with signals_while_starting() as started:
                 await server.start()
                 stream.write(banner(server, emulator, workdir) + "\n")
                 stream.flush()

@@ -473,7 +473,7 @@ async def run_server(settings: Settings) -> int:
     Raises ConfigError when the server cannot start (bad TLS files, busy port, ...).
     """
     server = BrokerServer(settings)
-    with stop_signals_while_starting() as started:
+    with signals_while_starting() as started:
         await server.start()
         await serve_until_signal(server, started)
     return 0
@@ -483,7 +483,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StartSignals:
-    """The signals that came while a server started (`stop_signals_while_starting`)."""
+    """The signals that came while a server started (`signals_while_starting`)."""
 
     def __init__(self) -> None:
         self.stop = asyncio.Event()  # SIGTERM/SIGINT: stop as soon as serving
@@ -491,7 +491,7 @@ class StartSignals:
 
 
 @contextlib.contextmanager
-def stop_signals_while_starting() -> Iterator[StartSignals]:
+def signals_while_starting() -> Iterator[StartSignals]:
     """SIGTERM/SIGINT/SIGHUP handlers for a server's start: a signal then is remembered (pass
     the result to `serve_until_signal`, which acts on it), not fatal. Without them a signal in
     the instant between the listeners opening and `serve_until_signal` would kill the process
@@ -517,7 +517,7 @@ async def serve_until_signal(server: BrokerServer, started: StartSignals | None 
     on for `server.shutdownDelaySeconds`, then the graceful stop with `shutdownGraceSeconds`.
 
     A second signal, during the delay or the grace period, cancels the calls in flight and
-    stops at once. `started`: from `stop_signals_while_starting`; a stop signal came while the
+    stops at once. `started`: from `signals_while_starting`; a stop signal came while the
     server started: it stops without the delay; a SIGHUP: the files are re-read at once.
     """
     loop = asyncio.get_running_loop()

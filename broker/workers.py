@@ -303,9 +303,9 @@ def _watch_supervisor() -> None:
 
 
 async def _serve_worker(settings: Settings, early: list[int]) -> int:
-    from broker.server import BrokerServer, serve_until_signal, stop_signals_while_starting
+    from broker.server import BrokerServer, serve_until_signal, signals_while_starting
 
-    with stop_signals_while_starting() as started:
+    with signals_while_starting() as started:
         if signal.SIGTERM in early or signal.SIGINT in early:
             started.stop.set()
         started.reload = signal.SIGHUP in early

@@ -28,6 +28,7 @@ from broker.emulator import Emulator, EmulatorConfig
 from broker.errors import RichStatus, rich_status_from_call
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
+from broker.logs import stop_log_writer
 from broker.server import BrokerServer
 from broker.upstream import UpstreamClient
 
@@ -210,12 +211,18 @@ def restore_logging() -> Iterator[None]:
     """Put the root logger's handlers and level back after a test that sets up logging."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    # setup_logging also turns off logging's per-record lookups (module globals).
+    lookups = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")
+    saved = {name: getattr(logging, name) for name in lookups}
     yield
+    stop_log_writer()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     for handler in handlers:
         root.addHandler(handler)
     root.setLevel(level)
+    for name, value in saved.items():
+        setattr(logging, name, value)
 
 
 @pytest.fixture

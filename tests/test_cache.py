@@ -731,8 +731,11 @@ async def test_broker_single_flight_and_policy_on_every_hit(
         assert emulator.token_request_count == 2
     lines = [json.loads(line) for line in audit.read_text().splitlines()]
     assert len(lines) == 53
-    # The 50 shared the one API call (its status, one jti); the later hit made none.
-    assert [line["upstreamStatus"] for line in lines[:51]] == [201] * 50 + [None]
+    # The 50 shared the one API call (its status, one jti); the later hit made none. On a
+    # busy machine a call of the 50 can start after the API call ended: a hit too.
+    statuses = [line["upstreamStatus"] for line in lines[:51]]
+    assert set(statuses[:50]) <= {201, None} and 201 in statuses[:50]
+    assert statuses[50] is None
     assert {line["jti"] for line in lines[:51]} == {lines[0]["jti"]}
     assert [line["reason"] for line in lines[51:]] == ["ALLOWED", "NO_MATCHING_RULE"]
 

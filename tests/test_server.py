@@ -41,7 +41,7 @@ from broker.server import (
     SERVICE_NAME,
     BrokerServer,
     serve_until_signal,
-    stop_signals_while_starting,
+    signals_while_starting,
 )
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -147,7 +147,7 @@ async def test_signals_while_starting_are_acted_on_once_serving(
         },
     )
     server = BrokerServer(settings)
-    with stop_signals_while_starting() as started:
+    with signals_while_starting() as started:
         await server.start()
         [policy_file] = [f for f in server.reloading_files if f.paths == (policy,)]
         policy.write_text(policy.read_text() + "\n# edited while the broker started\n")
@@ -172,7 +172,7 @@ async def test_sigterm_while_starting_stops_once_serving_without_the_delay(
     caplog.set_level(logging.INFO, logger="broker.server")
     # Never ready, so never in rotation: no reason to keep serving for the delay.
     server = BrokerServer(broker_settings(kubernetes_settings, shutdown_delay_seconds=3600))
-    with stop_signals_while_starting() as started:
+    with signals_while_starting() as started:
         await server.start()
         os.kill(os.getpid(), signal.SIGTERM)  # would end the test process, unhandled
         while not started.stop.is_set():

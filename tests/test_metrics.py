@@ -49,6 +49,20 @@ async def scrape(server: BrokerServer, accept: str | None = None) -> tuple[str, 
         return response.headers["Content-Type"], await response.text()
 
 
+async def scrape_settled(server: BrokerServer) -> tuple[str, str]:
+    """`scrape` once every call started has been counted as handled. A call refused with
+    context.abort() has its status sent from inside the handler, and the interceptor counts
+    it just after: its caller can scrape first. (Bounded: a call never counted fails here.)"""
+    for _ in range(1000):
+        content_type, text = await scrape(server)
+        samples, _ = parse(text)
+        started = sum(series(samples, "grpc_server_started_total").values())
+        if started == sum(series(samples, "grpc_server_handled_total").values()):
+            return content_type, text
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"calls started but never counted as handled:\n{text}")
+
+
 def parse(text: str) -> tuple[Samples, dict[str, str]]:
     """Every sample by (name, labels), and every family's type; the text must parse."""
     samples: Samples = {}
@@ -104,7 +118,7 @@ async def test_exact_counts_after_a_known_sequence_of_calls(
     unavailable = await call_error(stub, create_request())
     assert unavailable.code == grpc.StatusCode.UNAVAILABLE
 
-    content_type, text = await scrape(server)
+    content_type, text = await scrape_settled(server)
     assert content_type.startswith("text/plain; version=0.0.4")
     samples, types = parse(text)
 
@@ -193,7 +207,7 @@ async def test_aborts_are_counted_under_their_code(
         await call_error(pb_grpc.TokenBrokerServiceStub(bare), create_request())
     await call_error(stub, create_request(audiences=["https://nope.example"]))
     await call_error(stub, create_request(audiences=["https://nope.example"]))
-    samples, _ = parse((await scrape(server))[1])
+    samples, _ = parse((await scrape_settled(server))[1])
     assert value(samples, "grpc_server_handled_total", **CREATE, grpc_code="UNAUTHENTICATED") == 1
     assert value(samples, "grpc_server_handled_total", **CREATE, grpc_code="PERMISSION_DENIED") == 2
     assert value(samples, "grpc_server_handled_total", **CREATE, grpc_code="UNKNOWN") == 0

@@ -3,6 +3,7 @@ call ends with one access line (logger broker.access) — JSON, never a token.""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -51,6 +52,23 @@ def entries(stream: io.StringIO) -> list[dict[str, Any]]:
 
 def of_request(stream: io.StringIO, request_id: str) -> list[dict[str, Any]]:
     return [e for e in entries(stream) if e.get("request_id") == request_id]
+
+
+async def access_line(stream: io.StringIO, **fields: str) -> dict[str, Any]:
+    """The one access line with these fields. A call refused with context.abort() has its
+    status sent from inside the handler and its line written just after, so its caller can
+    look first: this waits for it (bounded: a line never written fails here)."""
+    for _ in range(1000):
+        found = [
+            e
+            for e in entries(stream)
+            if e["logger"] == ACCESS and all(e.get(k) == v for k, v in fields.items())
+        ]
+        if found:
+            [line] = found
+            return line
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"no access line with {fields}")
 
 
 async def test_access_line_and_request_id_of_a_successful_call(
@@ -108,7 +126,7 @@ async def test_refusals_log_code_reason_and_request_id(
     ]
     [authn] = refused
     request_id = authn["request_id"]  # a generated one: the caller sent none
-    [access] = [e for e in of_request(logs, request_id) if e["logger"] == ACCESS]
+    access = await access_line(logs, request_id=request_id)
     assert access["grpc_code"] == "UNAUTHENTICATED"
     assert access["reason"] == "CREDENTIALS_INVALID"
     assert "user" not in access
@@ -116,9 +134,7 @@ async def test_refusals_log_code_reason_and_request_id(
 
     status = await call_error(stub, create_request(audiences=["https://nope.example"]))
     assert status.error_info is not None
-    [denied] = [
-        e for e in entries(logs) if e["logger"] == ACCESS and e["grpc_code"] == "PERMISSION_DENIED"
-    ]
+    denied = await access_line(logs, grpc_code="PERMISSION_DENIED")
     assert denied["reason"] == "AUDIENCE_NOT_ALLOWED"
     assert denied["user"] == CALLER
 

@@ -215,16 +215,22 @@ async def test_upstream_concurrency_cap(
         )
     )
     emulator.reset_counters()  # the readiness probe is not a token request, but be sure
-    emulator.faults.latency = 0.5
+    emulator.faults.latency = 30.0  # holds both slots until lowered
     async with caller_channel(server.address) as channel:
         stub = pb_grpc.TokenBrokerServiceStub(channel)
-        results = await asyncio.gather(*(outcome(stub, timeout=10) for _ in range(8)))
+        calls = [asyncio.ensure_future(outcome(stub, timeout=20)) for _ in range(8)]
+        try:
+            # Two calls hold the slots; the six others wait 0.2 s for one, then are refused.
+            await eventually(lambda: sum(c.done() for c in calls) == 6, "six refusals")
+        finally:
+            emulator.faults.latency = 0.0  # releases the two
+            results = await asyncio.gather(*calls)
 
-    assert emulator.in_flight_max <= 2
+    assert emulator.in_flight_max == 2
     succeeded = [r for r in results if r is None]
     busy = [r for r in results if r is not None]
-    assert len(succeeded) >= 2  # the first two had a slot at once
-    assert busy, "8 calls of 0.5 s with 2 slots and a 0.2 s wait: some must be refused"
+    assert len(succeeded) == 2
+    assert len(busy) == 6
     for status in busy:
         assert status.code == grpc.StatusCode.UNAVAILABLE, status
         assert reason(status) == REASON_UPSTREAM_BUSY

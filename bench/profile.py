@@ -16,6 +16,7 @@ the functions with the most own time. Written to bench/results/profile-pyspy.txt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import pstats
 import shutil
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench.run import CHANNELS, PROCESSES, RESULTS, grpc_spec, load, log
@@ -89,6 +91,24 @@ def summarize(prof: Path, requests: int) -> str:
     return out.getvalue()
 
 
+@contextlib.contextmanager
+def _broker_on_emulator(
+    workdir: Path, *, cache: bool, src: Path | None, python_args: tuple[str, ...] = ()
+) -> Iterator[BrokerProcess]:
+    """A broker process (from `src`) in front of an emulator; both stopped afterwards."""
+    emulator = EmulatorHost(workdir)
+    try:
+        port = free_port()
+        config = write_broker_config(workdir, emulator.kubeconfig, cache=cache, port=port)
+        broker = BrokerProcess(config, workdir, port=port, python_args=python_args, src=src)
+        try:
+            yield broker
+        finally:
+            broker.stop()
+    finally:
+        emulator.stop()
+
+
 def profile_hits(
     workdir: Path,
     out_dir: Path,
@@ -98,25 +118,11 @@ def profile_hits(
     name: str = "profile.txt",
 ) -> Path:
     """Profile the broker in `src` (default: this checkout) on cache hits; write `name`."""
-    emulator = EmulatorHost(workdir)
     prof = workdir / "broker.prof"
-    try:
-        port = free_port()
-        config = write_broker_config(workdir, emulator.kubeconfig, cache=True, port=port)
-        broker = BrokerProcess(
-            config,
-            workdir,
-            port=port,
-            python_args=("-m", "cProfile", "-o", str(prof)),
-            src=src,
-        )
-        try:
-            log(f"profile: {requests} cache hits under cProfile")
-            result, _, _ = load(grpc_spec(broker.address, requests), broker.pids, None)
-        finally:
-            broker.stop()
-    finally:
-        emulator.stop()
+    cprofile = ("-m", "cProfile", "-o", str(prof))
+    with _broker_on_emulator(workdir, cache=True, src=src, python_args=cprofile) as broker:
+        log(f"profile: {requests} cache hits under cProfile")
+        result, _, _ = load(grpc_spec(broker.address, requests), broker.pids, None)
     answered = result.ok + PROCESSES * CHANNELS  # and the warm-up calls
     text = summarize(prof, answered)
     target = out_dir / name
@@ -205,31 +211,22 @@ def sample(
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if py_spy is None:
         raise SystemExit("py-spy is not installed: make bench installs it (.[bench])")
-    emulator = EmulatorHost(workdir)
     raw = workdir / "pyspy.txt"
-    try:
-        port = free_port()
-        config = write_broker_config(workdir, emulator.kubeconfig, cache=not misses, port=port)
-        broker = BrokerProcess(config, workdir, port=port, src=src)
-        what = "cache misses" if misses else "cache hits"
-        try:
-            load(grpc_spec(broker.address, requests // 4), broker.pids, None)  # warm up
-            log(f"profile: {requests} {what} sampled by py-spy")
-            sampler = subprocess.Popen(
-                [py_spy, "record", "--rate", "500", "--format", "raw", "--output", str(raw),
-                 "--pid", str(broker.pids[0])],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            time.sleep(1.0)  # attached
-            started = time.monotonic()
-            result, _, _ = load(grpc_spec(broker.address, requests), broker.pids, None)
-            seconds = time.monotonic() - started
-            sampler.send_signal(2)  # SIGINT: py-spy writes what it has
-            sampler.wait(60)
-        finally:
-            broker.stop()
-    finally:
-        emulator.stop()
+    what = "cache misses" if misses else "cache hits"
+    with _broker_on_emulator(workdir, cache=not misses, src=src) as broker:
+        load(grpc_spec(broker.address, requests // 4), broker.pids, None)  # warm up
+        log(f"profile: {requests} {what} sampled by py-spy")
+        sampler = subprocess.Popen(
+            [py_spy, "record", "--rate", "500", "--format", "raw", "--output", str(raw),
+             "--pid", str(broker.pids[0])],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(1.0)  # attached
+        started = time.monotonic()
+        result, _, _ = load(grpc_spec(broker.address, requests), broker.pids, None)
+        seconds = time.monotonic() - started
+        sampler.send_signal(2)  # SIGINT: py-spy writes what it has
+        sampler.wait(60)
     text = summarize_pyspy(raw, result.ok, seconds, what)
     target = out_dir / ("profile-pyspy-misses.txt" if misses else "profile-pyspy.txt")
     target.write_text(text)

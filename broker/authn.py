@@ -147,6 +147,11 @@ class Authenticator:
                     "server.tls.requireClientCert: true (only certificates gRPC verified "
                     "identify callers)"
                 )
+        if settings.unix_socket.checks_peers and server.unix_socket is None:
+            raise ConfigError(
+                "authentication.unixSocket.allowedUids/allowedGids: needs server.unixSocket "
+                "(they decide who may use it)"
+            )
         return cls(settings, clock=clock)
 
     def __repr__(self) -> str:

@@ -17,7 +17,7 @@ import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -336,6 +336,15 @@ class JwtAuthSettings(_Section):
 class UnixSocketAuthSettings(_Section):
     # The identity of every caller on server.unixSocket (None: they need credentials too).
     identity: str | None = Field(default=None, min_length=1)
+    # Not only the file mode: when either is set, only processes whose uid is in allowedUids
+    # or whose gid is in allowedGids (the peer credentials the kernel recorded at connect,
+    # SO_PEERCRED) may use server.unixSocket; other connections are closed (broker.unix_socket).
+    allowed_uids: tuple[Annotated[int, Field(ge=0)], ...] = ()
+    allowed_gids: tuple[Annotated[int, Field(ge=0)], ...] = ()
+
+    @property
+    def checks_peers(self) -> bool:
+        return bool(self.allowed_uids or self.allowed_gids)
 
 
 class AuthenticationSettings(_Section):

@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -46,6 +44,7 @@ from broker.ratelimit import RateLimiter
 from broker.readiness import Clock, KubernetesProber, Readiness, ReadyState
 from broker.service import TokenBrokerServicer
 from broker.tls import ServerCertificates, ServerTLSMaterial
+from broker.unix_socket import PeerCredentialRelay, PrivateSocketDirectory, remove_stale_socket
 from broker.upstream import UpstreamClient
 from broker.upstream_guard import UpstreamGuard
 
@@ -115,6 +114,9 @@ class BrokerServer:
         self._health_server: aio.Server | None = None
         self._health_address: str | None = None
         self._unix_socket: Path | None = None
+        # Where gRPC's unix socket is bound, and the relay checking peers in front of it.
+        self._unix_private: PrivateSocketDirectory | None = None
+        self._unix_relay: PeerCredentialRelay | None = None
         self._stopped = False
         self._authenticator: Authenticator | None = None
         self._policy: PolicyStore | FixedPolicy | None = None
@@ -193,7 +195,7 @@ class BrokerServer:
         check_transport_security(self.settings)
         certificates = await ServerCertificates(cfg.tls).open() if cfg.tls is not None else None
         if cfg.unix_socket is not None:
-            await _remove_stale_socket(cfg.unix_socket)
+            await remove_stale_socket(cfg.unix_socket)
         server = aio.server(
             options=channel_options(self.settings, reuse_port=self._reuse_port),
             interceptors=[CallObserver(self.metrics)],
@@ -263,10 +265,7 @@ class BrokerServer:
                 port = _bind(server, cfg.listen, creds, "server.listen")
                 self._address = f"{host}:{port}"
             if cfg.unix_socket is not None:
-                # Plaintext: who may connect is decided by the file mode below.
-                _bind(server, f"unix:{cfg.unix_socket}", None, "server.unixSocket")
-                await asyncio.to_thread(os.chmod, cfg.unix_socket, cfg.unix_socket_mode)
-                self._unix_socket = cfg.unix_socket
+                await self._listen_on_unix_socket(server, cfg.unix_socket, cfg.unix_socket_mode)
             await server.start()
             if cfg.health_listen is not None:
                 await self._start_health_server(cfg.health_listen)
@@ -285,9 +284,7 @@ class BrokerServer:
             if self._admin is not None:
                 await self._admin.stop()
                 self._admin = None
-            if self._unix_socket is not None:
-                await asyncio.to_thread(self._unix_socket.unlink, missing_ok=True)
-                self._unix_socket = None
+            await self._close_unix_socket()
             await self._close_parts()
             raise
         self._server = server
@@ -319,6 +316,36 @@ class BrokerServer:
                 "tls": _tls_mode(certificates.material if certificates is not None else None),
             },
         )
+
+    async def _listen_on_unix_socket(self, server: aio.Server, path: Path, mode: int) -> None:
+        """Plaintext: who may connect is decided by the file mode (and, when configured, by
+        the peer's uid/gid). Never reachable with a looser mode: see broker.unix_socket."""
+        self._unix_private = private = await PrivateSocketDirectory.create(path)
+        _bind(server, f"unix:{private.path('grpc')}", None, "server.unixSocket")
+        peers = self.settings.authentication.unix_socket
+        if peers.checks_peers:
+            relay = PeerCredentialRelay(
+                private.path("grpc"), uids=peers.allowed_uids, gids=peers.allowed_gids
+            )
+            self._unix_relay = relay
+            await relay.start(private, "relay", mode)
+        else:
+            await private.publish("grpc", mode)
+            await private.remove()
+            self._unix_private = None
+        self._unix_socket = path
+
+    async def _close_unix_socket(self) -> None:
+        """After gRPC's server stopped: the relay, the published socket, the private directory."""
+        if self._unix_relay is not None:
+            await self._unix_relay.close()
+            self._unix_relay = None
+        if self._unix_socket is not None:
+            await asyncio.to_thread(self._unix_socket.unlink, missing_ok=True)
+            self._unix_socket = None
+        if self._unix_private is not None:
+            await self._unix_private.remove()
+            self._unix_private = None
 
     async def _readiness_changed(self, state: ReadyState) -> None:
         """The gRPC health statuses follow readiness (both "" and the service)."""
@@ -354,6 +381,8 @@ class BrokerServer:
         self._stopped = True
         logger.info("shutting down", extra={"grace_seconds": grace})
         await self.leave_rotation()
+        if self._unix_relay is not None:
+            await self._unix_relay.stop_accepting()
         await self._server.stop(grace)
         if self._health_server is not None:
             # Up until the main server is done, so probes saw NOT_SERVING all along.
@@ -361,9 +390,7 @@ class BrokerServer:
         if self._admin is not None:
             await self._admin.stop()
         await self._close_parts()
-        if self._unix_socket is not None:
-            with contextlib.suppress(FileNotFoundError):
-                await asyncio.to_thread(self._unix_socket.unlink)
+        await self._close_unix_socket()
         logger.info("stopped")
 
     async def leave_rotation(self) -> None:
@@ -447,24 +474,6 @@ def _bind(server: aio.Server, address: str, creds: Any, key: str) -> int:
     if port == 0 and not address.startswith("unix:"):
         raise ConfigError(f"{key}: cannot listen on {address} (in use?)")
     return port
-
-
-async def _remove_stale_socket(path: Path) -> None:
-    """Remove a socket file left by a crashed broker; refuse to touch anything else."""
-    try:
-        mode = (await asyncio.to_thread(os.lstat, path)).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ConfigError(f"server.unixSocket: {path} exists and is not a socket")
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 2.0)
-    except (OSError, TimeoutError):
-        # Nobody listening: stale.
-        await asyncio.to_thread(path.unlink, missing_ok=True)
-        return
-    writer.close()
-    raise ConfigError(f"server.unixSocket: {path} is in use by a running server")
 
 
 async def run_server(settings: Settings) -> int:

@@ -34,7 +34,7 @@ from jwt.utils import base64url_decode
 from broker.config import AuditSettings, ConfigError
 from broker.errors import KUBERNETES_DOMAIN, BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
-from broker.identity import AuthMethod, Identity
+from broker.identity import AuthMethod, CertificateField, Identity
 
 if TYPE_CHECKING:
     from broker.upstream import UpstreamResult
@@ -165,6 +165,8 @@ class AuditRecord:
     jti: str | None = None
     token_sha256: str | None = None
     time: datetime = field(default_factory=_utc_now)
+    # mtls only: the client certificate field `user` came from (uri, dns or cn).
+    certificate_field: CertificateField | None = None
 
     def __post_init__(self) -> None:
         if self.time.tzinfo is None:
@@ -221,6 +223,7 @@ class AuditRecord:
             user=identity.name if identity is not None else None,
             auth_method=identity.method if identity is not None else None,
             issuer=identity.issuer if identity is not None else None,
+            certificate_field=identity.certificate_field if identity is not None else None,
             peer=peer,
             namespace=request.namespace,
             service_account=request.service_account,
@@ -258,6 +261,7 @@ class AuditRecord:
             "user": self.user,
             "authMethod": self.auth_method,
             "issuer": self.issuer,
+            "certificateField": self.certificate_field,
             "peer": self.peer,
             "namespace": self.namespace,
             "serviceAccount": self.service_account,

@@ -13,11 +13,14 @@ Precedence, when several methods could apply to one call:
    `authorization` value (another scheme, several headers) is refused the same way.
 2. Else the verified client certificate (`authentication.mtls.enabled`): its URI SAN (a
    SPIFFE ID such as spiffe://example.org/ci/runner), else its first DNS SAN, else its
-   subject CN (the first URI SAN if there are several). gRPC verified the chain against
+   subject CN (the first URI SAN if there are several), with the field it came from and all
+   of the certificate's names (`Identity.certificate`): a policy subject matches one field
+   only, the URI SAN unless it says otherwise (broker.policy). gRPC verified the chain against
    `server.tls.clientCaFile` during the handshake, which is why this method requires that CA
    and `requireClientCert: true` (without it grpcio does not even ask for a certificate).
 3. Else the fixed identity of the unix socket (`authentication.unixSocket.identity`), for
-   callers whose peer is `unix:` (who may connect is decided by the socket's file mode).
+   callers whose peer is `unix:` (who may connect is decided by the socket's file mode, and
+   by the peer's uid/gid with `allowedUids`/`allowedGids`: broker.unix_socket).
 4. Else UNAUTHENTICATED.
 
 Callers only ever see one of two generic messages with ErrorInfo reason CREDENTIALS_MISSING or
@@ -51,7 +54,7 @@ from broker.authn_jwt import JwtRejected, JwtVerifier, looks_like_jwt
 from broker.config import AuthenticationSettings, ConfigError, ServerSettings
 from broker.errors import BrokerError
 from broker.file_reload import ReloadingFiles
-from broker.identity import AuthMethod, Identity
+from broker.identity import AuthMethod, CertificateNames, Identity
 
 __all__ = [
     "REASON_CREDENTIALS_INVALID",
@@ -314,30 +317,41 @@ def _mtls_identity(context: Context) -> Identity | None:
     if not pems:
         return None
     try:
-        name = certificate_identity(pems[0])
+        identity = certificate_identity(pems[0])
     except ValueError:
         raise _Refused("mtls", "client certificate could not be parsed") from None
-    if name is None:
+    if identity is None:
         raise _Refused("mtls", "client certificate has no URI SAN, DNS SAN or CN")
-    return Identity(method="mtls", name=name)
+    return identity
 
 
 @functools.lru_cache(maxsize=256)
-def certificate_identity(pem: bytes) -> str | None:
-    """URI SAN, else first DNS SAN, else subject CN of a PEM certificate (None: no name)."""
-    cert = x509.load_pem_x509_certificate(pem)
+def certificate_identity(pem: bytes) -> Identity | None:
+    """The mtls identity of a PEM certificate (None: it has no name); ValueError if unreadable.
+
+    Its name is the URI SAN, else the first DNS SAN, else the subject CN, and it keeps which
+    field that was and all of the certificate's names: policy subjects say which field they
+    match (broker.policy), never falling back from one field to another.
+    """
+    return Identity.from_certificate(certificate_names(x509.load_pem_x509_certificate(pem)))
+
+
+def certificate_names(cert: x509.Certificate) -> CertificateNames:
+    """URI SANs, DNS SANs and the subject CN (None when there are none or several)."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         san = None
-    if san is not None:
-        for kind in (x509.UniformResourceIdentifier, x509.DNSName):
-            values = san.get_values_for_type(kind)
-            if values:
-                return values[0]
+    uris: list[str] = san.get_values_for_type(x509.UniformResourceIdentifier) if san else []
+    dns_names: list[str] = san.get_values_for_type(x509.DNSName) if san else []
+    common_names = []
     for attr in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
         value = attr.value
         text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
         if text:
-            return text
-    return None
+            common_names.append(text)
+    return CertificateNames(
+        uris=tuple(uris),
+        dns_names=tuple(dns_names),
+        common_name=common_names[0] if len(common_names) == 1 else None,
+    )

@@ -5,10 +5,11 @@ Where it sits: in CreateToken after policy and before upstream. The key is built
 grant changes the key, and policy still runs on every call: a cached token is only ever
 handed to a caller the policy allows right now.
 
-Key (`CacheKey`): the caller (auth method, name, issuer) and everything that shapes the token:
-namespace, service account, audiences in request order (the API server keeps it), the
-requested expiration (None = the server default) and the whole bound object reference (kind,
-apiVersion, name, uid). One caller never receives a token minted for another.
+Key (`CacheKey`): the caller (auth method, name, issuer; for mtls the certificate field) and
+everything that shapes the token: namespace, service account, audiences in request order (the
+API server keeps it), the requested expiration (None = the server default) and the whole bound
+object reference (kind, apiVersion, name, uid). One caller never receives a token minted for
+another.
 
 Freshness, as kubelet (`pkg/kubelet/token/token_manager.go`): a token's lifetime is
 `status.expirationTimestamp - iat` (the JWT's `iat`; else `metadata.creationTimestamp`; else
@@ -138,6 +139,8 @@ class CacheKey:
     expiration_seconds: int | None
     # (kind, apiVersion, name, uid); None when the token is not bound.
     bound_object: tuple[str, str, str, str] | None
+    # mtls: the certificate field `caller` is (the same text in another field is another name).
+    certificate_field: str | None = None
 
     @classmethod
     def for_request(cls, identity: Identity, request: pb.CreateTokenRequest) -> CacheKey:
@@ -164,10 +167,13 @@ class CacheKey:
                 spec.expiration_seconds if spec.HasField("expiration_seconds") else None
             ),
             bound_object=bound,
+            certificate_field=identity.certificate_field,
         )
 
     def __str__(self) -> str:
         caller = self.caller if self.issuer is None else f"{self.issuer}#{self.caller}"
+        if self.certificate_field is not None:
+            caller = f"{self.certificate_field}:{caller}"
         return f"{self.namespace}/{self.service_account} for {self.auth_method}:{caller}"
 
 

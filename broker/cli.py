@@ -29,7 +29,7 @@ from broker.durations import parse_go_duration
 from broker.errors import rich_status_from_call
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
-from broker.identity import AUTH_METHODS, Identity
+from broker.identity import AUTH_METHODS, CERTIFICATE_FIELDS, Identity
 
 # broker.config, broker.convert and broker.authn_apikeys (pydantic-settings, kubernetes) are
 # imported where used: `exec-credential` runs on every kubectl command and must start fast.
@@ -574,10 +574,13 @@ can-i) and prints the decision, the deciding rule and the reason, the effective 
 expiration, and for every rule why it does or does not match. Exit status: 0 allowed,
 1 denied, 2 invalid flags or policy.
 
-The caller is --subject (Identity.name: the client certificate's SPIFFE ID or SAN for mtls,
-the key's identity for apiKey, the `sub` for jwt, the socket's identity for unixSocket) with
---method (default mtls). jwt callers also need --issuer, and --claim KEY=VALUE per claim
-(repeat a key for a list claim). The request flags are those of `token-broker token`.
+The caller is --subject (Identity.name: the key's identity for apiKey, the `sub` for jwt,
+the socket's identity for unixSocket; for mtls a certificate with just that name, in --field:
+uri (default), dns or cn) with --method (default mtls); or --certificate, a client
+certificate (PEM) whose names count as the broker reads them. The report then says which
+certificate field each matching subject matched. jwt callers also need --issuer, and
+--claim KEY=VALUE per claim (repeat a key for a list claim). The request flags are those of
+`token-broker token`.
 """
 
 
@@ -591,7 +594,8 @@ def _add_policy(commands: Any) -> None:
     validate = sub.add_parser(
         "validate",
         help="check a policy file (exit 1 with the bad key if invalid)",
-        description="Check a policy file: exit 0 with a summary, or 1 naming each bad key.",
+        description="Check a policy file: exit 0 with a summary, or 1 naming each bad key. "
+        "Warnings (stderr, exit 0) point out rules whose meaning changed, and what to write.",
     )
     validate.add_argument("file", type=Path, metavar="FILE")
 
@@ -603,8 +607,19 @@ def _add_policy(commands: Any) -> None:
     )
     explain.add_argument("--policy", type=Path, required=True, metavar="FILE")
     who = explain.add_argument_group("caller")
-    who.add_argument("--subject", required=True, metavar="NAME", help="the identity's name")
+    who.add_argument("--subject", metavar="NAME", help="the identity's name")
     who.add_argument("--method", choices=AUTH_METHODS, default="mtls", help="(default: mtls)")
+    who.add_argument(
+        "--field",
+        choices=CERTIFICATE_FIELDS,
+        help="mtls: the certificate field --subject is (default: uri)",
+    )
+    who.add_argument(
+        "--certificate",
+        type=Path,
+        metavar="PEM",
+        help="mtls: a client certificate (instead of --subject)",
+    )
     who.add_argument("--issuer", help="the jwt issuer (iss), exactly")
     who.add_argument(
         "--claim", action="append", default=[], metavar="KEY=VALUE", help="a jwt claim"
@@ -626,6 +641,12 @@ def _add_policy(commands: Any) -> None:
 
 def identity_from_args(args: argparse.Namespace) -> Identity:
     """The caller of `policy explain`; raises UsageError."""
+    if args.certificate is not None:
+        return _certificate_caller(args)
+    if args.subject is None:
+        raise UsageError("--subject or --certificate is required")
+    if args.field is not None and args.method != "mtls":
+        raise UsageError("--field is only for --method mtls")
     if args.method == "jwt" and not args.issuer:
         raise UsageError("--issuer is required with --method jwt")
     if args.method != "jwt" and (args.issuer or args.claim):
@@ -646,7 +667,29 @@ def identity_from_args(args: argparse.Namespace) -> Identity:
         name=args.subject,
         issuer=args.issuer,
         claims=MappingProxyType(claims),
+        certificate_field=args.field,
     )
+
+
+def _certificate_caller(args: argparse.Namespace) -> Identity:
+    from cryptography import x509
+
+    from broker.authn import certificate_names
+
+    if args.subject is not None or args.field is not None or args.method != "mtls":
+        raise UsageError("--certificate is the whole mtls caller: no --subject, --field, --method")
+    try:
+        certificate = x509.load_pem_x509_certificates(args.certificate.read_bytes())[0]
+    except OSError as exc:
+        raise UsageError(f"--certificate {args.certificate}: {exc.strerror}") from None
+    except ValueError:
+        raise UsageError(f"--certificate {args.certificate}: not a PEM certificate") from None
+    identity = Identity.from_certificate(certificate_names(certificate))
+    if identity is None:
+        raise UsageError(
+            f"--certificate {args.certificate}: no URI SAN, DNS SAN or CN (the broker refuses it)"
+        )
+    return identity
 
 
 def explain_request_from_args(args: argparse.Namespace) -> pb.CreateTokenRequest:
@@ -673,6 +716,8 @@ def _policy(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ERROR
         count = len(policy.rules)
+        for warning in policy.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         print(f"{args.file}: valid, {count} rule{'' if count == 1 else 's'}")
         return 0
     try:
@@ -713,6 +758,10 @@ def format_explanation(
         f"reason:     {d.reason}",
         f"rule:       {d.rule or '(none matched)'}",
         f"caller:     {identity}",
+    ]
+    if identity.certificate is not None:
+        lines.append(f"certificate: {identity.certificate.describe()}")
+    lines += [
         f"request:    {describe_request(request)}",
     ]
     if d.allowed:
@@ -736,6 +785,7 @@ def format_explanation(
         else:
             state = "does not match"
         lines.append(f"  [{rule.index}] {rule.name}: {state}")
+        lines += [f"        + {how}" for how in rule.subject_matches]
         lines += [f"        - {why}" for why in rule.mismatches]
     if not explanation.rules:
         lines.append("  (none: the policy denies everything)")

@@ -4,7 +4,7 @@
 rules:
   - name: ci-deploys                 # unique; named in audit lines and in denials it decides
     subjects:                        # at least one; the caller must match one of them
-      - {method: mtls, name: "spiffe://example.org/ci/*"}
+      - {method: mtls, field: uri, name: "spiffe://example.org/ci/*"}   # field: uri|dns|cn
       - method: jwt                  # mtls | apiKey | jwt | unixSocket
         issuer: https://token.actions.githubusercontent.com   # exact; required for jwt
         name: "repo:example/app:*"
@@ -35,6 +35,12 @@ Semantics, firewall style:
   every listed claim matches: a string claim must match one of the globs; a list claim
   must have an element matching one; other claim types and missing claims never match.
   Claim names are top-level claims.
+- mtls subjects match one field of the client certificate (`Identity.certificate`), never
+  falling back to another: `field: uri` (the default) the URI SAN, and only when the
+  certificate has exactly one (as an X509-SVID does); `field: dns` any of its DNS SANs;
+  `field: cn` its subject CN. A name with the spiffe scheme is a SPIFFE ID pattern
+  (broker.spiffe: validated at load; `*` within one path segment, `**` for one or more
+  segments; the trust domain exact) and matches only a URI SAN that is a valid SPIFFE ID.
 - The deciding rule then checks, in this order, denying with the first that fails:
   DRY_RUN_NOT_ALLOWED, BOUND_OBJECT_REQUIRED, BOUND_KIND_NOT_ALLOWED, AUDIENCE_REQUIRED
   (no requested audiences, no defaultAudiences, and allowApiServerAudience not set: a token
@@ -54,7 +60,8 @@ rules or the audience allowlist contain. `explain` (for the CLI's operators) tel
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -65,7 +72,7 @@ import yaml
 
 from broker.errors import BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
-from broker.identity import Identity
+from broker.identity import CERTIFICATE_FIELDS, FIELD_TITLES, CertificateNames, Identity
 from broker.policy_schema import (
     SERVER_DEFAULT_EXPIRATION_SECONDS,
     PolicyDocument,
@@ -75,6 +82,7 @@ from broker.policy_schema import (
     Subject,
     parse_document,
 )
+from broker.spiffe import looks_like_spiffe, spiffe_id_problem
 from broker.validation import go_quote
 
 # The permissive policy of `serve --dev`. Never for production.
@@ -157,6 +165,8 @@ class RuleExplanation:
     deciding: bool
     # Why it does not match (empty when it matches).
     mismatches: tuple[str, ...] = ()
+    # The subjects that match the caller, and how (for mtls: which certificate field).
+    subject_matches: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -173,6 +183,8 @@ class Policy:
     def __init__(self, document: PolicyDocument, source: str = "<policy>") -> None:
         self.rules: tuple[Rule, ...] = document.rules
         self.source = source
+        # Rules whose meaning changed with certificate fields (`policy validate` shows them).
+        self.warnings: tuple[str, ...] = tuple(meaning_changes(document))
 
     @classmethod
     def from_dict(cls, data: object, source: str = "<policy>") -> Policy:
@@ -226,6 +238,11 @@ class Policy:
                     matched=not mismatches,
                     deciding=rule.name == decision.rule,
                     mismatches=mismatches,
+                    subject_matches=tuple(
+                        f"subjects[{j}]: {_how_subject_matches(subject, identity)}"
+                        for j, subject in enumerate(rule.subjects)
+                        if _subject_mismatch(subject, identity) is None
+                    ),
                 )
             )
         return Explanation(decision=decision, rules=tuple(out))
@@ -252,6 +269,8 @@ def _subject_mismatch(subject: Subject, identity: Identity) -> str | None:
         return f"method is {identity.method}, not {subject.method}"
     if subject.issuer is not None and identity.issuer != subject.issuer:
         return f"issuer {identity.issuer!r} is not {subject.issuer!r}"
+    if identity.certificate is not None:
+        return _certificate_mismatch(subject, identity.certificate)
     if not fnmatchcase(identity.name, subject.name):
         return f"name {identity.name!r} does not match {subject.name!r}"
     claims: Mapping[str, Any] = identity.claims
@@ -261,6 +280,92 @@ def _subject_mismatch(subject: Subject, identity: Identity) -> str | None:
         if not _claim_matches(claims[claim], globs):
             return f"claim {claim!r} ({claims[claim]!r}) does not match {list(globs)!r}"
     return None
+
+
+def _certificate_mismatch(subject: Subject, certificate: CertificateNames) -> str | None:
+    """Why an mtls subject does not match the certificate's names; None when it does."""
+    field = subject.certificate_field
+    values = certificate.values(field)
+    title = FIELD_TITLES[field]
+    if not values:
+        return f"the certificate has no {title}{_other_fields(subject, certificate)}"
+    if field == "uri":
+        if len(values) > 1:
+            return f"the certificate has {len(values)} URI SANs (a uri subject needs exactly one)"
+        pattern = subject.spiffe_pattern
+        if pattern is not None:
+            uri = values[0]
+            if certificate.spiffe_id is None:
+                return f"URI SAN {uri!r} is not a SPIFFE ID: {spiffe_id_problem(uri)}"
+            if not pattern.matches(uri):
+                return f"SPIFFE ID {uri!r} does not match {subject.name!r}"
+            return None
+    if not any(fnmatchcase(value, subject.name) for value in values):
+        shown = ", ".join(repr(v) for v in values)
+        return (
+            f"{title} {shown} does not match {subject.name!r}{_other_fields(subject, certificate)}"
+        )
+    return None
+
+
+def _other_fields(subject: Subject, certificate: CertificateNames) -> str:
+    """A hint: which of the certificate's other fields would match, and why they do not."""
+    spiffe = subject.spiffe_pattern is not None
+    hints = [
+        f"its {FIELD_TITLES[f]} {value!r} is not a URI SAN: a SPIFFE ID pattern matches only "
+        "a URI SAN"
+        if spiffe
+        else f"its {FIELD_TITLES[f]} {value!r} would need `field: {f}`"
+        for f in CERTIFICATE_FIELDS
+        if f != subject.certificate_field
+        for value in certificate.values(f)[:1]
+        if (looks_like_spiffe(value) if spiffe else fnmatchcase(value, subject.name))
+    ]
+    return f" ({'; '.join(hints)})" if hints else ""
+
+
+def _how_subject_matches(subject: Subject, identity: Identity) -> str:
+    """How a matching subject matches (for `explain`): for mtls, which certificate field."""
+    certificate = identity.certificate
+    if certificate is None:
+        return f"{identity.method} name {identity.name!r} matches {subject.name!r}"
+    field = subject.certificate_field
+    if subject.spiffe_pattern is not None:
+        what, value = "SPIFFE ID", certificate.spiffe_id
+    else:
+        what = FIELD_TITLES[field]
+        value = next(v for v in certificate.values(field) if fnmatchcase(v, subject.name))
+    return f"{what} {value!r} matches {subject.name!r} (certificate field: {field})"
+
+
+def meaning_changes(document: PolicyDocument) -> Iterator[str]:
+    """The mtls subjects whose meaning changed when subjects got a certificate `field`, and
+    what to write instead. A subject with an explicit `field` was written for the new
+    meaning: it never warns."""
+    for i, rule in enumerate(document.rules):
+        for j, subject in enumerate(rule.subjects):
+            if subject.method != "mtls" or subject.field is not None:
+                continue
+            where = f"rules[{i}].subjects[{j}] (rule {rule.name})"
+            pattern = subject.spiffe_pattern
+            if pattern is not None:
+                if pattern.has_segment_wildcard:
+                    yield (
+                        f"{where}: '*' in {subject.name!r} now matches within one path "
+                        "segment (it matched across '/' before, e.g. nested IDs): write '**' "
+                        "as a segment for any depth; add `field: uri` to confirm"
+                    )
+            elif not _URI_SCHEME.match(subject.name):
+                yield (
+                    f"{where}: name {subject.name!r} matched the certificate's URI SAN, else "
+                    "its first DNS SAN, else its CN; it now matches the URI SAN only: for a "
+                    "DNS SAN or the CN write this subject with `field: dns` or `field: cn` "
+                    "(one subject per field); add `field: uri` to keep the URI SAN only"
+                )
+
+
+# A name that starts like an absolute URI (scheme ":"): meant for the URI SAN.
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 
 
 def _rule_matches(rule: Rule, identity: Identity, request: pb.CreateTokenRequest) -> bool:

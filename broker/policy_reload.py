@@ -29,7 +29,10 @@ class PolicyStore(ReloadingFiles[Policy]):
         self, path: Path, *, reload_interval_seconds: float = DEFAULT_RELOAD_INTERVAL_SECONDS
     ) -> None:
         def build(contents: Sequence[bytes]) -> Policy:
-            return Policy.from_yaml(contents[0], str(path))
+            policy = Policy.from_yaml(contents[0], str(path))
+            for warning in policy.warnings:  # once per version loaded
+                logger.warning("policy %s: %s", path, warning)
+            return policy
 
         super().__init__(
             "policy",

@@ -6,6 +6,7 @@ request arrives is `broker.policy`. Keys are camelCase; unknown keys are errors.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Annotated, Any, Literal
 
@@ -24,7 +25,8 @@ from pydantic.alias_generators import to_camel
 
 from broker.config import RateSettings
 from broker.durations import parse_go_duration
-from broker.identity import AuthMethod
+from broker.identity import AuthMethod, CertificateField
+from broker.spiffe import SpiffePattern, looks_like_spiffe
 
 BoundKind = Literal["Pod", "Secret", "Node"]
 BOUND_KINDS: tuple[BoundKind, ...] = ("Pod", "Secret", "Node")
@@ -94,14 +96,56 @@ class _Model(BaseModel):
 
 
 class Subject(_Model):
-    """Who a rule is for: an auth method and a glob on `Identity.name` (and, for jwt, more)."""
+    """Who a rule is for: an auth method and a glob on `Identity.name` (and, for jwt, more).
+
+    mtls subjects match one field of the client certificate: `field` (default uri: the URI
+    SAN); dns and cn only when written. A `name` with the spiffe scheme is a SPIFFE ID
+    pattern (broker.spiffe), validated here and matched only against a URI SAN that is a
+    valid SPIFFE ID.
+    """
 
     method: AuthMethod
+    # Before `name`, whose check reads it. mtls only.
+    field: CertificateField | None = None
     name: Glob
     # Exact issuer (`iss`): required for jwt subjects, not allowed for the others.
     issuer: str | None = Field(default=None, validate_default=True)
     # Top-level claim name -> glob(s); every listed claim must match (jwt only).
     claims: dict[str, ClaimGlobs] = Field(default_factory=dict)
+
+    @field_validator("field")
+    @classmethod
+    def _field_for_mtls(cls, value: str | None, info: ValidationInfo) -> str | None:
+        method = info.data.get("method")
+        if value is not None and method is not None and method != "mtls":
+            raise ValueError(f"only mtls subjects have a certificate field, not {method} subjects")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _spiffe_pattern(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("method") != "mtls" or not looks_like_spiffe(value):
+            return value
+        field = info.data.get("field")
+        if field in ("dns", "cn"):
+            raise ValueError(
+                f"{value!r} is a SPIFFE ID pattern: only a URI SAN holds a SPIFFE ID, so it "
+                f"cannot match field {field}"
+            )
+        SpiffePattern.parse(value)  # ValueError naming the problem
+        return value
+
+    @functools.cached_property
+    def certificate_field(self) -> CertificateField:
+        """The certificate field an mtls subject matches."""
+        return self.field or "uri"
+
+    @functools.cached_property
+    def spiffe_pattern(self) -> SpiffePattern | None:
+        """The SPIFFE ID pattern of an mtls subject whose name has the spiffe scheme."""
+        if self.method != "mtls" or not looks_like_spiffe(self.name):
+            return None
+        return SpiffePattern.parse(self.name)
 
     @field_validator("issuer")
     @classmethod

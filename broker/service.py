@@ -166,7 +166,11 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
         except AuthenticationFailed as err:
             self._metrics.authentication_failure(err.method, err.reason)
             raise
-        annotate_call(user=identity.name, auth_method=identity.method)
+        annotate_call(
+            user=identity.name,
+            auth_method=identity.method,
+            certificate_field=identity.certificate_field,
+        )
         validate_create_token(request)
         spec = request.token_request.spec
         self._metrics.token_requested(

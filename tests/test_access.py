@@ -64,7 +64,7 @@ from broker.validation import go_quote
 # --- identities, keys and the policy ----------------------------------------------------------
 
 SPIFFE_ID = "spiffe://example.org/ci/runner"
-MTLS_ID = f"mtls:{SPIFFE_ID}"
+MTLS_ID = f"mtls:uri:{SPIFFE_ID}"
 BOT = "deploy-bot"
 BOT_KEY = generate_api_key()
 ZETA_KEY = generate_api_key()  # configured, never used: its rule must never be revealed
@@ -1107,6 +1107,7 @@ async def test_audit_lines_field_by_field(
         "user": SPIFFE_ID,
         "authMethod": "mtls",
         "issuer": None,
+        "certificateField": "uri",
         "serviceAccount": SERVICE_ACCOUNT,
         "audiences": [STS],
         "grantedAudiences": [STS],
@@ -1128,6 +1129,7 @@ async def test_audit_lines_field_by_field(
         "user": BOT,
         "authMethod": "apiKey",
         "issuer": None,
+        "certificateField": None,
         "serviceAccount": SERVICE_ACCOUNT,
         "audiences": [],
         "grantedAudiences": [],
@@ -1149,6 +1151,7 @@ async def test_audit_lines_field_by_field(
         "user": None,
         "authMethod": None,
         "issuer": None,
+        "certificateField": None,
         "serviceAccount": SERVICE_ACCOUNT,
         "audiences": [],
         "grantedAudiences": [],

@@ -101,6 +101,7 @@ def test_record_json_field_by_field() -> None:
         "user": "spiffe://example.org/ci",
         "authMethod": "jwt",
         "issuer": "https://issuer.example",
+        "certificateField": None,
         "peer": "ipv4:10.0.0.7:51234",
         "namespace": NAMESPACE,
         "serviceAccount": SERVICE_ACCOUNT,

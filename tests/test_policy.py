@@ -111,9 +111,9 @@ def test_globs() -> None:
     assert p.decide(CI, req("team-blue", "deploy-web")).allowed
     assert p.decide(CI, req("team-blue", "runner1")).allowed
     assert not p.decide(CI, req("team-blue", "runner12")).allowed
-    # `*` matches across `/` (fnmatch), so a prefix glob covers nested SPIFFE paths.
+    # In a SPIFFE ID pattern `*` stays within one path segment (tests/test_hardening_mtls_names.py).
     nested = Identity(method="mtls", name="spiffe://example.org/ci/a/b")
-    assert p.decide(nested, req("ci", "deploy-x")).allowed
+    assert not p.decide(nested, req("ci", "deploy-x")).allowed
 
 
 def test_first_matching_rule_decides_even_when_it_denies() -> None:
@@ -363,7 +363,7 @@ def test_explain_says_why_each_rule_did_not_match() -> None:
     assert [r.name for r in e.rules] == ["prod", "bots", "ci", "later"]
     assert by_name["prod"].mismatches == ("namespace 'ci' does not match ['prod']",)
     assert by_name["bots"].mismatches == (
-        "no subject matches mtls:spiffe://example.org/ci/runner "
+        "no subject matches mtls:uri:spiffe://example.org/ci/runner "
         "(subjects[0]: method is mtls, not apiKey)",
         "service account 'deployer' does not match ['x']",
     )

@@ -20,7 +20,7 @@ POLICY: dict[str, Any] = {
     "rules": [
         {
             "name": "prod",
-            "subjects": [{"method": "mtls", "name": "spiffe://example.org/prod/*"}],
+            "subjects": [{"method": "mtls", "field": "uri", "name": "spiffe://example.org/prod/*"}],
             "namespaces": ["prod"],
             "serviceAccounts": ["*"],
             "audiences": ["vault"],
@@ -28,7 +28,7 @@ POLICY: dict[str, Any] = {
         {
             "name": "ci-deploys",
             "subjects": [
-                {"method": "mtls", "name": "spiffe://example.org/ci/*"},
+                {"method": "mtls", "field": "uri", "name": "spiffe://example.org/ci/*"},
                 {
                     "method": "jwt",
                     "issuer": GITHUB,
@@ -111,7 +111,7 @@ def test_explain_allowed(capsys: pytest.CaptureFixture[str], policy_file: Path) 
     assert lines[0] == "allowed"
     assert "reason:     ALLOWED" in lines
     assert "rule:       ci-deploys" in lines
-    assert "caller:     mtls:spiffe://example.org/ci/runner" in lines
+    assert "caller:     mtls:uri:spiffe://example.org/ci/runner" in lines
     assert "audiences:  vault" in lines
     assert "expiration: 600s" in lines
     assert "  [0] prod: does not match" in lines

@@ -24,7 +24,6 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import grpc
 import jwt
 import pytest
 import yaml
+from cert_support import client_cert
 from cli_support import Pki, issue
 from conftest import (
     BROKER_TOKEN,
@@ -44,10 +44,8 @@ from conftest import (
     SERVICE_ACCOUNT,
     create_request,
 )
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -240,34 +238,6 @@ def record_text(record: logging.LogRecord) -> str:
 # --- PKI, JWT keys ----------------------------------------------------------------------------
 
 
-def client_cert(ca_key_pem: bytes, ca_cert_pem: bytes, uri: str) -> tuple[bytes, bytes]:
-    """(certificate PEM, key PEM): a client certificate with a URI SAN (trustme has none)."""
-    ca_key = serialization.load_pem_private_key(ca_key_pem, None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
-    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ignored-cn")]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
-
-
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -323,7 +293,7 @@ def material(tmp_path_factory: pytest.TempPathFactory, journal: Journal) -> Mate
     directory = tmp_path_factory.mktemp("access-pki")
     server = issue(directory, "server", "localhost", "127.0.0.1")
     other = issue(directory, "other", "client.example")
-    client = client_cert(server.ca.private_key_pem.bytes(), server.ca.cert_pem.bytes(), SPIFFE_ID)
+    client = client_cert(server.ca, cn="ignored-cn", uris=(SPIFFE_ID,))
     jwt_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     jwk = jwt.algorithms.RSAAlgorithm.to_jwk(jwt_key.public_key(), as_dict=True)
     jwk.update(kid=JWT_KID, use="sig", alg="RS256")

@@ -16,7 +16,6 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,9 @@ import jwt
 import pytest
 import trustme
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cert_support import client_cert
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc import aio
 
 from broker.authn import (
@@ -181,42 +179,6 @@ class PKI:
             self.ca.cert_pem.bytes(), private_key=cert[1], certificate_chain=cert[0]
         )
         return aio.secure_channel(address, creds)
-
-
-def client_cert(
-    ca: trustme.CA, *, cn: str | None = None, uris: tuple[str, ...] = (), dns: tuple[str, ...] = ()
-) -> tuple[bytes, bytes]:
-    """(certificate PEM, key PEM) of a client certificate signed by `ca`."""
-    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
-    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "token-broker tests")]
-    if cn is not None:
-        subject.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
-    now = datetime.now(UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name(subject))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-    )
-    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
-    names += [x509.DNSName(d) for d in dns]
-    if names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    cert = builder.sign(ca_key, hashes.SHA256())
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ from broker.errors import RichStatus, rich_status_from_call
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 from broker.identity import Identity
 from broker.policy import Policy, PolicyError
+from broker.policy_reload import PolicyStore
 from broker.server import BrokerServer
 from broker.spiffe import SpiffePattern, spiffe_id_problem
 
@@ -384,6 +385,20 @@ def test_validate_warns_about_rules_whose_meaning_changed(
         "SAN only: for a DNS SAN or the CN write this subject with `field: dns` or `field: cn` "
         "(one subject per field); add `field: uri` to keep the URI SAN only",
     ]
+
+
+def test_the_broker_logs_the_warnings_when_it_loads_a_policy(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump({"rules": [rule("r", {"method": "mtls", "name": "ci-*"})]}))
+    caplog.set_level(logging.WARNING, logger="broker.policy")
+    PolicyStore.load_file(path)
+    [record] = [r for r in caplog.records if r.name == "broker.policy"]
+    assert record.getMessage().startswith(
+        f"policy {path}: rules[0].subjects[0] (rule r): name 'ci-*' matched the certificate's "
+        "URI SAN, else its first DNS SAN, else its CN; it now matches the URI SAN only"
+    )
 
 
 def test_the_shipped_policies_have_no_warnings(capsys: pytest.CaptureFixture[str]) -> None:

@@ -110,7 +110,7 @@ def first_frame(path: Path) -> Callable[[], bytes]:
             try:
                 sock.sendall(H2_PREFACE)
                 return sock.recv(9)
-            except ConnectionResetError:
+            except (ConnectionResetError, BrokenPipeError):  # closed before or after sending
                 return b""
             except OSError as exc:
                 return f"error {exc!r}".encode()

@@ -73,11 +73,16 @@ class PrivateSocketDirectory:
 
     @classmethod
     async def create(cls, final: Path) -> PrivateSocketDirectory:
-        directory = Path(
-            await asyncio.to_thread(
-                tempfile.mkdtemp, prefix=PRIVATE_DIRECTORY_PREFIX, dir=final.parent
+        try:
+            directory = Path(
+                await asyncio.to_thread(
+                    tempfile.mkdtemp, prefix=PRIVATE_DIRECTORY_PREFIX, dir=final.parent
+                )
             )
-        )
+        except OSError as exc:
+            raise ConfigError(
+                f"server.unixSocket: cannot listen on {final}: {exc.strerror} ({final.parent})"
+            ) from None
         # mkdtemp asks for 0700 and the umask can only take bits away; a umask that took the
         # owner's away too would make the directory unusable, so set it outright.
         await asyncio.to_thread(os.chmod, directory, 0o700)

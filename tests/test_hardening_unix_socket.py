@@ -285,6 +285,14 @@ async def test_a_socket_path_too_long_for_the_private_directory_is_a_config_erro
     assert list(deep.iterdir()) == []
 
 
+async def test_a_missing_directory_is_a_config_error(
+    kubernetes_settings: KubernetesSettings, socket_dir: Path
+) -> None:
+    final = socket_dir / "missing" / "broker.sock"
+    with pytest.raises(ConfigError, match=r"server\.unixSocket: cannot listen on .*: No such file"):
+        await BrokerServer(unix_settings(kubernetes_settings, final, 0o600)).start()
+
+
 # --- peer credentials (SO_PEERCRED) -------------------------------------------------------------
 
 

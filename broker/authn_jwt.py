@@ -78,8 +78,9 @@ def _b64_json(segment: str) -> Any:
         return None
 
 
-def _split(value: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(header, unverified payload) of a compact JWS, or None if `value` is not one."""
+def _split(value: str) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+    """(header, unverified payload) of a compact JWS, or None if `value` is not one; the
+    payload is None when it is not a JSON object within the bounds."""
     parts = value.split(".")
     if len(parts) != 3 or not parts[0] or not all(_SEGMENT.fullmatch(p) for p in parts):
         return None
@@ -87,7 +88,7 @@ def _split(value: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
     if not isinstance(header, dict) or not isinstance(header.get("alg"), str):
         return None
     payload = _b64_json(parts[1])
-    return header, payload if isinstance(payload, dict) else {}
+    return header, payload if isinstance(payload, dict) else None
 
 
 def looks_like_jwt(value: str) -> bool:
@@ -481,6 +482,8 @@ class JwtVerifier:
         if split is None:
             raise JwtRejected("malformed token")
         header, unverified = split
+        if unverified is None:
+            raise JwtRejected("payload is not a JSON object (within the size and depth bounds)")
         iss = unverified.get("iss")
         if not isinstance(iss, str):
             raise JwtRejected("token has no iss claim")

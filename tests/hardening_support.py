@@ -53,10 +53,12 @@ def hardening_settings(
     *,
     signer: Signer | None = None,
     rate_limit: dict[str, Any] | None = None,
+    unix_socket: Path | None = None,
 ) -> Settings:
     """conftest's callers and policy, the audit log in `directory`/audit.jsonl, and with a
-    `signer` its issuer (JWKS file) and a policy allowing its tokens. No cache, and only the
-    limits given (the per-peer failure limit keeps its default unless `rate_limit` sets it)."""
+    `signer` its issuer (JWKS file) and a policy allowing its tokens; a unix socket listener
+    too when asked (its callers are conftest's LOCAL_CALLER). No cache, and only the limits
+    given (the per-peer failure limit keeps its default unless `rate_limit` sets it)."""
     access = access_config()
     if signer is not None:
         jwks = write_jwks(directory / "jwks.json", signer.jwk())
@@ -65,7 +67,11 @@ def hardening_settings(
     return load_settings(
         None,
         {
-            "server": {"listen": "127.0.0.1:0", "allowPlaintext": True},
+            "server": {
+                "listen": "127.0.0.1:0",
+                "allowPlaintext": True,
+                "unixSocket": str(unix_socket) if unix_socket is not None else None,
+            },
             "kubernetes": kube,
             "cache": {"enabled": False},
             "rateLimit": rate_limit if rate_limit is not None else {"enabled": False},
@@ -105,7 +111,7 @@ async def running(settings: Settings) -> AsyncIterator[Running]:
 
 
 async def create(
-    address: str,
+    address: str,  # host:port, or unix:<path>
     request: pb.CreateTokenRequest,
     *,
     bearer: str | None = None,

@@ -406,3 +406,15 @@ def test_unauthenticated_record_is_minimal_even_built_directly() -> None:
         latency_ms=1.0,
     )
     assert json.loads(authenticated.to_json())["audiences"] == ["x" * 253 + marker("x" * MB)]
+
+
+def test_the_chart_sets_the_per_peer_limit() -> None:
+    from test_helm import load_settings_from, render  # the chart tests' rendering (real helm)
+
+    default = load_settings_from(render({})).rate_limit.auth_failures_per_peer
+    assert default == RateSettings(rate=1, burst=100)
+    off = load_settings_from(render({"rateLimit": {"authFailuresPerPeer": False}}))
+    assert off.rate_limit.auth_failures_per_peer is None
+    tuned = {"rateLimit": {"authFailuresPerPeer": {"rate": 20, "burst": 2000}}}
+    settings = load_settings_from(render(tuned))
+    assert settings.rate_limit.auth_failures_per_peer == RateSettings(rate=20, burst=2000)

@@ -61,10 +61,13 @@ def forged_bearers() -> list[str]:
     return bearers
 
 
-async def call_with_forgeries(
-    emulator: Emulator, kube: KubernetesSettings, directory: Path, stream: io.StringIO
-) -> int:
-    """Every forged bearer once through a broker with a JWT issuer; the number of calls."""
+async def logged_forgeries(
+    log_format: str, kube: KubernetesSettings, directory: Path
+) -> tuple[str, int]:
+    """Every forged bearer once through a broker with a JWT issuer, its logs in `log_format`:
+    (what was logged, the number of calls)."""
+    stream = io.StringIO()
+    setup_logging(LogSettings(level="info", format=log_format), stream)  # type: ignore[arg-type]
     bearers = forged_bearers()
     async with running(hardening_settings(kube, directory, signer=new_signer())) as broker:
         for n, bearer in enumerate(bearers):
@@ -74,7 +77,7 @@ async def call_with_forgeries(
             assert status is not None and status.code == grpc.StatusCode.UNAUTHENTICATED
         last = f"forgery-{len(bearers) - 1}"
         await eventually(lambda: last in stream.getvalue(), "the last access line")
-    return len(bearers)
+    return stream.getvalue(), len(bearers)
 
 
 async def test_text_format_lines_cannot_be_forged(
@@ -83,10 +86,7 @@ async def test_text_format_lines_cannot_be_forged(
     tmp_path: Path,
     restore_logging: None,
 ) -> None:
-    stream = io.StringIO()
-    setup_logging(LogSettings(level="info", format="text"), stream)
-    calls = await call_with_forgeries(emulator, kubernetes_settings, tmp_path, stream)
-    text = stream.getvalue()
+    text, calls = await logged_forgeries("text", kubernetes_settings, tmp_path)
     lines = text.split("\n")[:-1]  # only "\n" ends a line; nothing else may break one
     assert text.endswith("\n")
     for line in lines:
@@ -113,10 +113,7 @@ async def test_json_format_lines_cannot_be_forged(
     tmp_path: Path,
     restore_logging: None,
 ) -> None:
-    stream = io.StringIO()
-    setup_logging(LogSettings(level="info", format="json"), stream)
-    calls = await call_with_forgeries(emulator, kubernetes_settings, tmp_path, stream)
-    text = stream.getvalue()
+    text, calls = await logged_forgeries("json", kubernetes_settings, tmp_path)
     lines = text.splitlines()  # splits on U+2028, U+0085 ... too: none may be raw
     entries = [json.loads(line) for line in lines]
     assert len(text.split("\n")) == len(lines) + 1

@@ -84,14 +84,19 @@ class PeerRefusal:
     suppressed: int
 
     def error(self) -> BrokerError:
-        return BrokerError(
-            code=grpc.StatusCode.RESOURCE_EXHAUSTED,
-            message="too many failed authentication attempts from this address; retry in "
-            + seconds_text(self.retry_after),
-            reason=REASON_PEER_THROTTLED,
-            metadata={"scope": SCOPE_PEER},
-            retry_after=self.retry_after,
-        )
+        return peer_throttled(self.retry_after)
+
+
+def peer_throttled(retry_after: float) -> BrokerError:
+    """The answer to a throttled peer: RESOURCE_EXHAUSTED, PEER_THROTTLED, RetryInfo."""
+    return BrokerError(
+        code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+        message="too many failed authentication attempts from this address; retry in "
+        + seconds_text(retry_after),
+        reason=REASON_PEER_THROTTLED,
+        metadata={"scope": SCOPE_PEER},
+        retry_after=retry_after,
+    )
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,11 @@ from grpc import aio
 from broker.audit import AuditLog, AuditRecord, AuditWriteError
 from broker.authn import AuthenticationFailed, Authenticator
 from broker.authn_throttle import (
-    REASON_PEER_THROTTLED,
     SCOPE_PEER,
     AuthFailureThrottle,
     PeerRefusal,
     ThrottleSummary,
+    peer_throttled,
 )
 from broker.cache import CacheKey, TokenCache
 from broker.errors import BrokerError
@@ -114,11 +114,7 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
                 identity=None,
                 peer=summary.peer,
                 latency_ms=0.0,
-                error=BrokerError(
-                    code=grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    message="",
-                    reason=REASON_PEER_THROTTLED,
-                ),
+                error=peer_throttled(0.0),  # what those calls were answered
                 suppressed_refusals=summary.suppressed,
             )
             # A failure is the audit log's to report; no call waits for this line.

@@ -11,6 +11,14 @@ hold one.
 With `audit.failClosed` a line that cannot be written raises `AuditWriteError`, and the caller
 must not hand out the token; without it the failure is logged (once per run of failures) and
 the call proceeds.
+
+Lines are bounded whatever the request (a caller must not be able to fill the disk, least of
+all before proving who it is): every string a request, a credential or an answer supplied is
+cut by broker.bounded (253 characters, then a marker with its length and SHA-256 prefix), lists
+to MAX_AUDIT_LIST_ITEMS, and a line still longer than MAX_AUDIT_LINE_BYTES (only possible with
+escaped non-ASCII everywhere) is written again with tighter bounds. A call without a proven
+identity records none of the request's fields but the namespace and service account:
+`audiences`, `requestedExpirationSeconds`, `boundObjectRef` and `dryRun` are null.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO
 import grpc
 from jwt.utils import base64url_decode
 
+from broker.bounded import MAX_FIELD_CHARS, bounded, bounded_list
 from broker.config import AuditSettings, ConfigError
 from broker.errors import KUBERNETES_DOMAIN, BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
@@ -57,6 +66,12 @@ FINGERPRINT_HEX_CHARS = 16
 # RetryInfo of an AUDIT_UNAVAILABLE refusal: a full disk is not fixed in milliseconds.
 AUDIT_RETRY_AFTER_SECONDS = 5.0
 AUDIT_FILE_MODE = 0o640
+# Audiences per list in a line (the request's own limit, broker.validation.MAX_AUDIENCES).
+MAX_AUDIT_LIST_ITEMS = 32
+# No line is longer. The normal bounds keep a line of ASCII values under it; tighter ones,
+# (characters per field, items per list), apply when escaping made a line longer.
+MAX_AUDIT_LINE_BYTES = 32 * 1024
+_TIGHTER_BOUNDS = ((64, 8), (16, 1))
 
 Decision = Literal["allowed", "denied", "error"]
 
@@ -130,8 +145,12 @@ class BoundObjectRef:
     def from_proto(cls, ref: pb.BoundObjectReference) -> BoundObjectRef:
         return cls(kind=ref.kind, name=ref.name, uid=ref.uid or None)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "name": self.name, "uid": self.uid}
+    def to_dict(self, limit: int = MAX_FIELD_CHARS) -> dict[str, Any]:
+        return {
+            "kind": bounded(self.kind, limit),
+            "name": bounded(self.name, limit),
+            "uid": _bounded_or_none(self.uid, limit),
+        }
 
 
 def _utc_now() -> datetime:
@@ -150,12 +169,12 @@ class AuditRecord:
     peer: str | None  # the gRPC peer, e.g. "ipv4:10.0.0.7:51234"
     namespace: str
     service_account: str
-    audiences: tuple[str, ...]
+    audiences: tuple[str, ...] | None  # None: not recorded (no proven identity)
     granted_audiences: tuple[str, ...]
     requested_expiration_seconds: int | None
     granted_expiration_seconds: int | None
     bound_object_ref: BoundObjectRef | None
-    dry_run: bool
+    dry_run: bool | None  # None: not recorded (no proven identity)
     decision: Decision
     rule: str | None  # the deciding policy rule
     reason: str  # ALLOWED, or the ErrorInfo.reason answered
@@ -167,6 +186,9 @@ class AuditRecord:
     time: datetime = field(default_factory=_utc_now)
     # mtls only: the client certificate field `user` came from (uri, dns or cn).
     certificate_field: CertificateField | None = None
+    # Refusals of a throttled peer (reason PEER_THROTTLED) not audited line by line since
+    # the previous line for that peer; the key is only written when set.
+    suppressed_refusals: int | None = None
 
     def __post_init__(self) -> None:
         if self.time.tzinfo is None:
@@ -188,6 +210,7 @@ class AuditRecord:
         upstream_status: int | None = None,
         cache_hit: bool = False,
         time: datetime | None = None,
+        suppressed_refusals: int | None = None,
     ) -> AuditRecord:
         """The record of one CreateToken call.
 
@@ -201,8 +224,11 @@ class AuditRecord:
         - `upstream_status` defaults to the relayed HTTP status of the error, or 201 for a
           result; with `cache_hit` (the result came from the token cache, not from the API
           server) to None.
+        - Without `identity` (authentication failed or did not run) the request is recorded
+          minimally: namespace and service account only (bounded like every field).
         """
         spec = request.token_request.spec
+        proven = identity is not None
         jti: str | None = None
         fingerprint: str | None = None
         granted_audiences: tuple[str, ...] = ()
@@ -227,18 +253,18 @@ class AuditRecord:
             peer=peer,
             namespace=request.namespace,
             service_account=request.service_account,
-            audiences=tuple(spec.audiences),
+            audiences=tuple(spec.audiences) if proven else None,
             granted_audiences=granted_audiences,
             requested_expiration_seconds=(
-                spec.expiration_seconds if spec.HasField("expiration_seconds") else None
+                spec.expiration_seconds if proven and spec.HasField("expiration_seconds") else None
             ),
             granted_expiration_seconds=granted_expiration,
             bound_object_ref=(
                 BoundObjectRef.from_proto(spec.bound_object_ref)
-                if spec.HasField("bound_object_ref")
+                if proven and spec.HasField("bound_object_ref")
                 else None
             ),
-            dry_run=bool(request.dry_run),
+            dry_run=bool(request.dry_run) if proven else None,
             decision=decision if decision is not None else outcome,
             rule=rule,
             reason=reason,
@@ -248,44 +274,69 @@ class AuditRecord:
             jti=jti,
             token_sha256=fingerprint,
             time=time if time is not None else _utc_now(),
+            suppressed_refusals=suppressed_refusals,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        """The audit event, keys in lowerCamelCase as Kubernetes audit events spell them."""
-        return {
+    def to_dict(
+        self, limit: int = MAX_FIELD_CHARS, max_items: int = MAX_AUDIT_LIST_ITEMS
+    ) -> dict[str, Any]:
+        """The audit event, keys in lowerCamelCase as Kubernetes audit events spell them;
+        strings cut at `limit` characters and lists at `max_items` (broker.bounded)."""
+        entry = {
             "kind": AUDIT_KIND,
             "apiVersion": AUDIT_API_VERSION,
             "stage": AUDIT_STAGE,
             "time": rfc3339_micro(self.time),
-            "requestID": self.request_id,
-            "user": self.user,
+            "requestID": bounded(self.request_id, limit),
+            "user": _bounded_or_none(self.user, limit),
             "authMethod": self.auth_method,
-            "issuer": self.issuer,
+            "issuer": _bounded_or_none(self.issuer, limit),
             "certificateField": self.certificate_field,
-            "peer": self.peer,
-            "namespace": self.namespace,
-            "serviceAccount": self.service_account,
-            "audiences": list(self.audiences),
-            "grantedAudiences": list(self.granted_audiences),
+            "peer": _bounded_or_none(self.peer, limit),
+            "namespace": bounded(self.namespace, limit),
+            "serviceAccount": bounded(self.service_account, limit),
+            "audiences": (
+                bounded_list(self.audiences, max_items, limit)
+                if self.audiences is not None
+                else None
+            ),
+            "grantedAudiences": bounded_list(self.granted_audiences, max_items, limit),
             "requestedExpirationSeconds": self.requested_expiration_seconds,
             "grantedExpirationSeconds": self.granted_expiration_seconds,
             "boundObjectRef": (
-                self.bound_object_ref.to_dict() if self.bound_object_ref is not None else None
+                self.bound_object_ref.to_dict(limit) if self.bound_object_ref is not None else None
             ),
             "dryRun": self.dry_run,
             "decision": self.decision,
-            "rule": self.rule,
-            "reason": self.reason,
+            "rule": _bounded_or_none(self.rule, limit),
+            "reason": bounded(self.reason, limit),
             "code": self.code,
             "upstreamStatus": self.upstream_status,
             "latencyMs": round(self.latency_ms, 3),
-            "jti": self.jti,
+            "jti": _bounded_or_none(self.jti, limit),
             "tokenSHA256": self.token_sha256,
         }
+        if self.suppressed_refusals is not None:
+            entry["suppressedRefusals"] = self.suppressed_refusals
+        return entry
 
     def to_json(self) -> str:
-        # ASCII only: no raw U+2028 or other line breaks a JSON-lines reader could split on.
-        return json.dumps(self.to_dict(), ensure_ascii=True, separators=(",", ":"))
+        """The line (without its newline): at most MAX_AUDIT_LINE_BYTES, whatever the values."""
+        line = _dumps(self.to_dict())
+        for limit, max_items in _TIGHTER_BOUNDS:
+            if len(line) <= MAX_AUDIT_LINE_BYTES:
+                break
+            line = _dumps(self.to_dict(limit, max_items))
+        return line
+
+
+def _dumps(entry: dict[str, Any]) -> str:
+    # ASCII only: no raw U+2028 or other line breaks a JSON-lines reader could split on.
+    return json.dumps(entry, ensure_ascii=True, separators=(",", ":"))
+
+
+def _bounded_or_none(value: str | None, limit: int) -> str | None:
+    return None if value is None else bounded(value, limit)
 
 
 def rfc3339_micro(when: datetime) -> str:

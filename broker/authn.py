@@ -27,6 +27,11 @@ Callers only ever see one of two generic messages with ErrorInfo reason CREDENTI
 CREDENTIALS_INVALID. Why a credential was refused goes to the operator log (logger
 `broker.authn`, warning, fields `auth_method` and `auth_failure`, plus issuer/kid/alg where
 relevant), never the credential itself.
+
+A credential is attacker input of any shape: it is bounded before it is parsed (at most
+MAX_BEARER_CHARS; JWT segments through broker.bounded_json), and an exception of any type
+while checking one is a refusal like the others (CREDENTIALS_INVALID, a warning naming the
+exception type), never an INTERNAL error.
 """
 
 from __future__ import annotations
@@ -218,22 +223,13 @@ class Authenticator:
         try:
             identity = await self._identify(context)
         except _Refused as refused:
-            logger.warning(
-                "authentication failed: %s",
-                refused.detail,
-                extra={
-                    "auth_method": refused.method,
-                    "auth_failure": refused.detail,
-                    "peer": _peer(context),
-                    **refused.fields,
-                },
-            )
-            raise AuthenticationFailed(
-                code=grpc.StatusCode.UNAUTHENTICATED,
-                message=MESSAGE_INVALID,
-                reason=REASON_CREDENTIALS_INVALID,
-                method=refused.method,
-            ) from None
+            raise self._refusal(context, refused) from None
+        except Exception as exc:
+            # A credential nobody foresaw (the root causes are bounded where they are parsed):
+            # still a refusal. Only the exception's type: its text could quote the credential.
+            method = "bearer" if _has_authorization(context) else "none"
+            detail = f"the credential could not be checked ({type(exc).__name__})"
+            raise self._refusal(context, _Refused(method, detail)) from None
         if identity is None:
             logger.warning(
                 "authentication failed: no credentials",
@@ -253,6 +249,26 @@ class Authenticator:
             )
         logger.debug("authenticated %s", identity, extra={"auth_method": identity.method})
         return identity
+
+    @staticmethod
+    def _refusal(context: Context, refused: _Refused) -> AuthenticationFailed:
+        """Log why (warning, never the credential); the caller's generic CREDENTIALS_INVALID."""
+        logger.warning(
+            "authentication failed: %s",
+            refused.detail,
+            extra={
+                "auth_method": refused.method,
+                "auth_failure": refused.detail,
+                "peer": _peer(context),
+                **refused.fields,
+            },
+        )
+        return AuthenticationFailed(
+            code=grpc.StatusCode.UNAUTHENTICATED,
+            message=MESSAGE_INVALID,
+            reason=REASON_CREDENTIALS_INVALID,
+            method=refused.method,
+        )
 
     async def _identify(self, context: Context) -> Identity | None:
         bearer = _bearer(context)
@@ -289,9 +305,20 @@ def _peer(context: Context) -> str:
         return ""
 
 
-def _bearer(context: Context) -> _Bearer | None:
+def _authorization(context: Context) -> list[str | bytes]:
     metadata: Iterable[tuple[str, str | bytes]] = context.invocation_metadata() or ()
-    values = [value for key, value in metadata if key.lower() == "authorization"]
+    return [value for key, value in metadata if key.lower() == "authorization"]
+
+
+def _has_authorization(context: Context) -> bool:
+    try:
+        return bool(_authorization(context))
+    except Exception:
+        return False
+
+
+def _bearer(context: Context) -> _Bearer | None:
+    values = _authorization(context)
     if not values:
         return None
     if len(values) > 1:

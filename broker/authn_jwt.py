@@ -8,6 +8,14 @@ algorithm from the JWK and must match the JWK's own `alg` when it declares one, 
 key is never used as an HMAC secret. Keys named or embedded in the token's header (`jku`,
 `x5u`, `jwk`, `x5c`) are ignored: only the configured key set counts.
 
+`exp`, `nbf` and `iat` must be NumericDates (RFC 7519): JSON numbers (not strings, not
+booleans), finite, between 0 and the end of year 9999; PyJWT alone would take the string
+"9999999999" or 1e300.
+
+The header and payload are attacker-controlled until the signature is verified: they are
+parsed by broker.bounded_json (size and nesting depth bounded before the parser runs), which
+also parses JWKS documents.
+
 Keys come from a JWKS file (read at start) or a JWKS URL (fetched at start, cached):
 - after `jwksCacheSeconds` the next request that uses the keys triggers a refetch in the
   background and is itself verified with the cached keys (stale-while-revalidate);
@@ -21,8 +29,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import logging
+import math
 import re
 import ssl
 import time
@@ -34,6 +42,8 @@ from typing import Any
 import aiohttp
 import jwt
 
+from broker import bounded_json
+from broker.bounded import bounded
 from broker.config import ConfigError, JwtAuthSettings, JwtIssuerSettings
 from broker.file_reload import DEFAULT_RELOAD_INTERVAL_SECONDS, ReloadingFiles
 from broker.identity import Identity
@@ -41,8 +51,13 @@ from broker.identity import Identity
 logger = logging.getLogger("broker.authn")
 
 MAX_JWKS_BYTES = 1024 * 1024
+# A decoded header or payload; the bearer itself is at most 16 KiB (broker.authn).
+MAX_SEGMENT_BYTES = 16 * 1024
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
 _REGISTERED = ("exp", "iat", "iss", "aud")
+# RFC 7519 NumericDate claims, and the latest one accepted: 9999-12-31T23:59:59Z.
+NUMERIC_DATE_CLAIMS = ("exp", "nbf", "iat")
+MAX_NUMERIC_DATE = 253_402_300_799
 
 
 class JwtRejected(Exception):
@@ -58,13 +73,14 @@ class JwtRejected(Exception):
 def _b64_json(segment: str) -> Any:
     try:
         raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        return json.loads(raw)
-    except (binascii.Error, ValueError):
+        return bounded_json.loads(raw, max_bytes=MAX_SEGMENT_BYTES)
+    except (binascii.Error, ValueError):  # bounded_json.JsonRejected is a ValueError
         return None
 
 
-def _split(value: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(header, unverified payload) of a compact JWS, or None if `value` is not one."""
+def _split(value: str) -> tuple[dict[str, Any], dict[str, Any] | None] | None:
+    """(header, unverified payload) of a compact JWS, or None if `value` is not one; the
+    payload is None when it is not a JSON object within the bounds."""
     parts = value.split(".")
     if len(parts) != 3 or not parts[0] or not all(_SEGMENT.fullmatch(p) for p in parts):
         return None
@@ -72,7 +88,7 @@ def _split(value: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
     if not isinstance(header, dict) or not isinstance(header.get("alg"), str):
         return None
     payload = _b64_json(parts[1])
-    return header, payload if isinstance(payload, dict) else {}
+    return header, payload if isinstance(payload, dict) else None
 
 
 def looks_like_jwt(value: str) -> bool:
@@ -82,8 +98,24 @@ def looks_like_jwt(value: str) -> bool:
 
 def _short(value: object, limit: int = 120) -> str:
     """An attacker-chosen header/claim value, bounded for the log."""
-    text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+    return bounded(value if isinstance(value, str) else repr(value), limit)
+
+
+def numeric_date_problem(claims: Mapping[str, Any]) -> str | None:
+    """Why an `exp`, `nbf` or `iat` present in `claims` is not a sane NumericDate (None: all
+    are): a JSON number (not a string or a boolean), finite, in [0, MAX_NUMERIC_DATE]."""
+    for name in NUMERIC_DATE_CLAIMS:
+        if name not in claims:
+            continue
+        value = claims[name]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"claim {name!r} is not a NumericDate (a JSON number)"
+        # An int is compared as an int: a 4000-digit one must not overflow a float.
+        if (isinstance(value, float) and not math.isfinite(value)) or not (
+            0 <= value <= MAX_NUMERIC_DATE
+        ):
+            return f"claim {name!r} is out of range for a NumericDate"
+    return None
 
 
 def _freeze(value: Any) -> Any:
@@ -158,10 +190,9 @@ class KeySet:
 def parse_jwks_file(data: bytes, path: Path, key: str) -> KeySet:
     """A JWKS file's key set; ConfigError naming the setting."""
     try:
-        return KeySet.parse(json.loads(data))
-    except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError too
-        reason = str(exc) if type(exc) is ValueError else "not JSON"
-        raise ConfigError(f"{key}: {path}: {reason}") from None
+        return KeySet.parse(bounded_json.loads(data, max_bytes=MAX_JWKS_BYTES))
+    except ValueError as exc:  # our own wording (bounded_json, KeySet), never the content
+        raise ConfigError(f"{key}: {path}: {exc}") from None
 
 
 def jwks_file(
@@ -282,9 +313,9 @@ class JwksUrlCache:
                 if len(body) > MAX_JWKS_BYTES:
                     raise ValueError("JWKS larger than 1 MiB")
         try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError("JWKS is not JSON") from None
+            data = bounded_json.loads(bytes(body), max_bytes=MAX_JWKS_BYTES)
+        except bounded_json.JsonRejected as exc:
+            raise ValueError(f"JWKS document: {exc}") from None
         return KeySet.parse(data)
 
 
@@ -312,7 +343,10 @@ class IssuerVerifier:
         self.keys = keys
         self._require = list(dict.fromkeys((*_REGISTERED, settings.identity_claim)))
 
-    async def verify(self, token: str, header: Mapping[str, Any]) -> Identity:
+    async def verify(
+        self, token: str, header: Mapping[str, Any], unverified: Mapping[str, Any]
+    ) -> Identity:
+        """`header` and `unverified` (the payload): the token's, as parsed (bounded)."""
         s = self.settings
         alg = header.get("alg")
         if alg not in s.algorithms:
@@ -325,6 +359,10 @@ class IssuerVerifier:
             raise JwtRejected(
                 "no key for the token's kid and alg", issuer=s.issuer, kid=_short(kid), alg=alg
             )
+        # Checked before PyJWT reads them: it would take int("9999999999") or int(1e300).
+        problem = numeric_date_problem(unverified)
+        if problem is not None:
+            raise JwtRejected(problem, issuer=s.issuer, kid=_short(kid))
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -444,10 +482,12 @@ class JwtVerifier:
         if split is None:
             raise JwtRejected("malformed token")
         header, unverified = split
+        if unverified is None:
+            raise JwtRejected("payload is not a JSON object (within the size and depth bounds)")
         iss = unverified.get("iss")
         if not isinstance(iss, str):
             raise JwtRejected("token has no iss claim")
         issuer = self._issuers.get(iss)
         if issuer is None:
             raise JwtRejected("issuer not configured", issuer=_short(iss))
-        return await issuer.verify(token, header)
+        return await issuer.verify(token, header, unverified)

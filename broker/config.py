@@ -461,6 +461,9 @@ class RateLimitSettings(_Section):
     # While Redis is unavailable: local (per-process) limits, or refuse calls (UNAVAILABLE).
     on_redis_unavailable: Literal["local", "refuse"] = "local"
     upstream: UpstreamLimitSettings = UpstreamLimitSettings()
+    # Calls that fail authentication, per peer address (broker.authn_throttle; per process,
+    # whatever `backend` and `enabled` say). Beyond it a peer is refused before authentication.
+    auth_failures_per_peer: RateSettings | None = RateSettings(rate=1, burst=100)
 
 
 class Settings(BaseSettings):

@@ -7,6 +7,12 @@ extra fields and exception text, on every handler this module installs.
 Every record logged while a gRPC call is handled carries that call's `request_id`: the
 interceptor (broker.observe) binds it with `bind_request_id`, a context variable, and
 `RequestIdFilter` adds it to each record (unless the record names one itself).
+
+A record is one line, whatever its values hold (an unverified JWT's `iss` with a newline must
+not forge a `broker.access ... OK` line): the text format escapes every non-printable
+character of the message and the field values (`\n`, `\x1b`, `\u2028`), quotes values with
+spaces, and prefixes each line of a traceback with CONTINUATION; JSON escapes control
+characters, and U+0085, U+2028 and U+2029 (line breaks to some readers) too.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from typing import Any, TextIO
 from broker.config import LogSettings
 
 REDACTED = "<redacted>"
+# Starts every line of a text record after its first (a traceback): never a timestamp.
+CONTINUATION = "  | "
 
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # A JWS/JWT: three base64url parts, the header starting with '{"' (eyJ).
@@ -135,6 +143,39 @@ class RedactFilter(logging.Filter):
         return True
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(ch: str) -> str:
+    if ch in _ESCAPES:
+        return _ESCAPES[ch]
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def escape_text(text: str) -> str:
+    """`text` with every non-printable character (control characters, line and paragraph
+    separators, format characters such as bidi overrides) as a backslash escape."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else _escape_char(ch) for ch in text)
+
+
+def _text_value(value: object) -> str:
+    text = escape_text(str(value))
+    if text and not any(ch in text for ch in ' ="'):
+        return text
+    return '"' + text.replace('"', '\\"') + '"'
+
+
+# Line breaks to str.splitlines() and JavaScript that json.dumps(ensure_ascii=False) leaves raw.
+_JSON_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, then the extra fields."""
 
@@ -151,7 +192,8 @@ class JsonFormatter(logging.Formatter):
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
             entry["exception"] = record.exc_text
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        # Outside strings JSON has none of these characters: escaping them keeps it JSON.
+        return json.dumps(entry, default=str, ensure_ascii=False).translate(_JSON_LINE_BREAKS)
 
 
 class TextFormatter(logging.Formatter):
@@ -163,13 +205,24 @@ class TextFormatter(logging.Formatter):
         )
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        fields = extra_fields(record)
-        if not fields:
-            return text
-        first, sep, rest = text.partition("\n")
-        pairs = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
-        return f"{first} {pairs}{sep}{rest}"
+        record.message = escape_text(record.getMessage())
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        pairs = " ".join(
+            f"{escape_text(k)}={_text_value(v)}"
+            for k, v in extra_fields(record).items()
+            if v is not None
+        )
+        if pairs:
+            line = f"{line} {pairs}"
+        more: list[str] = []
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            more += record.exc_text.splitlines()
+        if record.stack_info:
+            more += self.formatStack(record.stack_info).splitlines()
+        return "\n".join([line, *(CONTINUATION + escape_text(part) for part in more)])
 
 
 def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> logging.Handler:

@@ -228,7 +228,8 @@ class BrokerMetrics:
         self.authentication_failures = Counter(
             "token_broker_authentication_failures",
             "Calls refused as UNAUTHENTICATED, by the credential presented (jwt, apiKey, "
-            "mtls, bearer: a malformed authorization header, none) and ErrorInfo reason.",
+            "mtls, bearer: a malformed authorization header or one the checks could not "
+            "process, none) and ErrorInfo reason.",
             ("method", "reason"),
             registry=r,
         )

@@ -13,8 +13,10 @@ reflection alike) and, for each call:
   a cancelled call is CANCELLED (DEADLINE_EXCEEDED when its deadline has passed);
 - writes one access log line (logger `broker.access`): the method, code, latency, request id
   and what the servicer noted with `annotate_call` (namespace, service account, caller,
-  reason) — never a token. TokenBrokerService calls log at info; health checks and
-  reflection (probes every few seconds) at debug.
+  reason) — never a token, and every caller-supplied value bounded (broker.bounded).
+  TokenBrokerService calls log at info; health checks and reflection (probes every few
+  seconds), and calls the servicer marks `quiet_call()` (refusals of a throttled peer that are
+  not audited one by one), at debug.
 
 Calls to methods the server does not have get no handler, so nothing to wrap: gRPC answers
 UNIMPLEMENTED and they are not counted (bounded `grpc_method` values).
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc import aio
 
+from broker.bounded import bounded
 from broker.logs import bind_request_id
 from broker.metrics import BrokerMetrics, GrpcMethodMetrics
 from broker.request_id import request_id_from
@@ -43,7 +46,6 @@ access_logger = logging.getLogger("broker.access")
 
 # The services whose calls are logged at info.
 ACCESS_LOG_SERVICES = frozenset({"tokenbroker.v1.TokenBrokerService"})
-_MAX_FIELD_CHARS = 253
 
 
 @dataclass
@@ -52,6 +54,8 @@ class CallInfo:
 
     request_id: str
     fields: dict[str, str] = field(default_factory=dict)
+    # Logged at debug, whatever the service (see quiet_call).
+    quiet: bool = False
 
 
 _call: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar(
@@ -64,10 +68,8 @@ def current_call() -> CallInfo | None:
 
 
 def loggable(value: str) -> str:
-    """A caller-supplied string made safe for a text log line: printable, bounded."""
-    if value.isprintable() and len(value) <= _MAX_FIELD_CHARS:
-        return value
-    return ascii(value[:_MAX_FIELD_CHARS])[1:-1]
+    """A caller-supplied string bounded for a log line (the formatters escape it)."""
+    return bounded(value)
 
 
 def annotate_call(**fields: str | None) -> None:
@@ -78,6 +80,14 @@ def annotate_call(**fields: str | None) -> None:
     for key, value in fields.items():
         if value is not None:
             call.fields[key] = loggable(value)
+
+
+def quiet_call() -> None:
+    """Log the access line of the call being handled at debug (one of a flood of refusals
+    that are counted, not written one by one)."""
+    call = _call.get()
+    if call is not None:
+        call.quiet = True
 
 
 def split_method(full_method: str) -> tuple[str, str]:
@@ -116,7 +126,11 @@ class _Call:
         elapsed = time.monotonic() - self.started
         self.metrics.handled[code].inc()
         self.metrics.handling_seconds.observe(elapsed)
-        level = logging.INFO if self.service in ACCESS_LOG_SERVICES else logging.DEBUG
+        level = (
+            logging.INFO
+            if self.service in ACCESS_LOG_SERVICES and not info.quiet
+            else logging.DEBUG
+        )
         if access_logger.isEnabledFor(level):
             access_logger.log(
                 level,

@@ -208,6 +208,25 @@ class MemoryBuckets:
             self._tat.move_to_end(key)
         return []
 
+    def backlog(self, key: str) -> float:
+        """Seconds until the bucket `key` is full again (0: full, or never charged)."""
+        now = self._clock()
+        self._sweep(now)
+        return max(self._tat.get(key, now) - now, 0.0)
+
+    def wait(self, key: str, limit: Limit) -> float:
+        """Seconds until `key` has room for one more request (<= 0: room now); charges
+        nothing."""
+        return self.backlog(key) + limit.interval - limit.tolerance
+
+    def charge(self, key: str, limit: Limit) -> None:
+        """Charge one request to `key`, room or not (one that was not refused beforehand,
+        such as a failure counted after it happened)."""
+        now = self._clock()
+        self._sweep(now)
+        self._tat[key] = max(self._tat.get(key, now), now) + limit.interval
+        self._tat.move_to_end(key)
+
     def _sweep(self, now: float) -> None:
         """Second chance: drop the oldest buckets if idle (TAT past), else move them back."""
         for _ in range(min(SWEEP_STEPS, len(self._tat))):

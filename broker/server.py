@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from broker.admin import AdminServer
 from broker.audit import AuditLog
 from broker.authn import Authenticator
+from broker.authn_throttle import AuthFailureThrottle
 from broker.cache import TokenCache
 from broker.config import (
     ConfigError,
@@ -126,6 +127,7 @@ class BrokerServer:
         self._audit: AuditLog | None = None
         self._cache: TokenCache | None = None
         self._limiter: RateLimiter | None = None
+        self._servicer: TokenBrokerServicer | None = None
 
     @property
     def address(self) -> str:
@@ -229,19 +231,18 @@ class BrokerServer:
             self.readiness.policy_loaded()
             self._upstream.add_observer(self.metrics)
             self._upstream.add_observer(self.readiness)
-            pb_grpc.add_TokenBrokerServiceServicer_to_server(
-                TokenBrokerServicer(
-                    authenticator=self._authenticator,
-                    policy=self._policy,
-                    upstream=self._upstream,
-                    audit=self._audit,
-                    cache=self._cache,
-                    limiter=self._limiter,
-                    guard=guard,
-                    metrics=self.metrics,
-                ),
-                server,
+            self._servicer = TokenBrokerServicer(
+                authenticator=self._authenticator,
+                policy=self._policy,
+                upstream=self._upstream,
+                audit=self._audit,
+                cache=self._cache,
+                limiter=self._limiter,
+                guard=guard,
+                metrics=self.metrics,
+                throttle=AuthFailureThrottle(self.settings.rate_limit.auth_failures_per_peer),
             )
+            pb_grpc.add_TokenBrokerServiceServicer_to_server(self._servicer, server)
             self.metrics.grpc_method("unary", SERVICE_NAME, "CreateToken")
             self._health = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -422,6 +423,9 @@ class BrokerServer:
         if self._limiter is not None:
             await self._limiter.close()
             self._limiter = None
+        if self._servicer is not None:
+            await self._servicer.close()  # its last audit lines
+            self._servicer = None
         if self._audit is not None:
             await self._audit.close()
             self._audit = None

@@ -7,6 +7,9 @@ lives in its own module; this one only orders them and turns failures into gRPC 
 
 Authentication comes first so that an unauthenticated caller learns nothing but
 UNAUTHENTICATED; validation comes before policy because policy reads the request's fields.
+Before it, only the limit on failed authentication per peer address (authn_throttle.py): a
+throttled address is refused without any authentication work, and its refusals are audited
+once per episode and in summaries, not line by line.
 
 Along the way it feeds the domain metrics (broker.metrics) and notes, for the call's access
 log line (broker.observe), the namespace, service account, caller and refusal reason. The
@@ -15,6 +18,7 @@ request id is the one the interceptor bound (else computed here, as it would be)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -26,6 +30,13 @@ from grpc import aio
 
 from broker.audit import AuditLog, AuditRecord, AuditWriteError
 from broker.authn import AuthenticationFailed, Authenticator
+from broker.authn_throttle import (
+    SCOPE_PEER,
+    AuthFailureThrottle,
+    PeerRefusal,
+    ThrottleSummary,
+    peer_throttled,
+)
 from broker.cache import CacheKey, TokenCache
 from broker.errors import BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
@@ -33,10 +44,10 @@ from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 from broker.identity import Identity
 from broker.logs import bind_request_id, current_request_id
 from broker.metrics import BrokerMetrics
-from broker.observe import annotate_call
+from broker.observe import annotate_call, quiet_call
 from broker.policy import Decision, Policy
 from broker.ratelimit import RateLimiter
-from broker.request_id import REQUEST_ID_METADATA_KEY, request_id_from
+from broker.request_id import REQUEST_ID_METADATA_KEY, new_request_id, request_id_from
 from broker.upstream import UpstreamClient, UpstreamResult
 from broker.upstream_guard import UpstreamGuard
 from broker.validation import validate_create_token
@@ -62,6 +73,8 @@ class _Call:
     result: UpstreamResult | None = None
     # Answered from the token cache: no API-server call for this request.
     cache_hit: bool = False
+    # Refused before authentication: the peer address failed authentication too often.
+    throttled: PeerRefusal | None = None
 
 
 class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
@@ -76,6 +89,7 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
         limiter: RateLimiter,
         guard: UpstreamGuard,
         metrics: BrokerMetrics | None = None,
+        throttle: AuthFailureThrottle | None = None,
     ) -> None:
         self._authenticator = authenticator
         self._policy = policy
@@ -85,6 +99,27 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
         self._limiter = limiter
         self._guard = guard
         self._metrics = metrics if metrics is not None else BrokerMetrics()
+        self._throttle = throttle if throttle is not None else AuthFailureThrottle(None)
+
+    async def close(self) -> None:
+        """Audit the throttled refusals no line has reported yet (before the audit log
+        closes, after the last call)."""
+        await self._audit_summaries(self._throttle.pending())
+
+    async def _audit_summaries(self, summaries: list[ThrottleSummary]) -> None:
+        for summary in summaries:
+            record = AuditRecord.for_call(
+                pb.CreateTokenRequest(),
+                request_id=new_request_id(),
+                identity=None,
+                peer=summary.peer,
+                latency_ms=0.0,
+                error=peer_throttled(0.0),  # what those calls were answered
+                suppressed_refusals=summary.suppressed,
+            )
+            # A failure is the audit log's to report; no call waits for this line.
+            with contextlib.suppress(AuditWriteError):
+                await self._audit.write(record)
 
     async def CreateToken(
         self,
@@ -107,6 +142,7 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
         call = _Call()
         response: pb.CreateTokenResponse | None = None
         error: BrokerError | None = None
+        await self._audit_summaries(self._throttle.ended())
         try:
             response = await self._create_token(request, context, call)
         except BrokerError as err:
@@ -135,9 +171,13 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
             error=error,
             rule=call.decision.rule if call.decision is not None else None,
             cache_hit=call.cache_hit,
+            suppressed_refusals=call.throttled.suppressed if call.throttled else None,
         )
         try:
-            await self._audit.write(record)
+            if call.throttled is not None and not call.throttled.audited:
+                quiet_call()  # counted in its peer's episode, reported by a later line
+            else:
+                await self._audit.write(record)
         except AuditWriteError as exc:
             # Fail closed: a token nobody can account for is not handed out. A call that
             # was refused anyway keeps its own status.
@@ -161,10 +201,16 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
         context: aio.ServicerContext[Any, Any],
         call: _Call,
     ) -> pb.CreateTokenResponse:
+        peer = context.peer() or ""
+        call.throttled = self._throttle.admit(peer)
+        if call.throttled is not None:
+            self._metrics.rate_limit_refused(SCOPE_PEER)
+            raise call.throttled.error()
         try:
             call.identity = identity = await self._authenticator.authenticate(context)
         except AuthenticationFailed as err:
             self._metrics.authentication_failure(err.method, err.reason)
+            self._throttle.failed(peer)
             raise
         annotate_call(
             user=identity.name,

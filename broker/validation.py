@@ -28,6 +28,12 @@ MIN_EXPIRATION_SECONDS = 600
 MAX_EXPIRATION_SECONDS = 1 << 32
 # apimachinery metav1 validation.FieldManagerMaxLength.
 FIELD_MANAGER_MAX_LENGTH = 128
+# Our own bounds for a bound object's reference, beyond which the API server could never find
+# the object: an apiVersion is a group (a DNS-1123 subdomain) "/" a version (a DNS-1123
+# label); a UID the API server assigns is a 36-character UUID (a longer one can only end in
+# 409 Conflict), with room to spare.
+MAX_API_VERSION_LENGTH = 253 + 1 + 63
+MAX_UID_LENGTH = 128
 
 DRY_RUN_ALL = "All"
 FIELD_VALIDATION_VALUES = ("", "Ignore", "Strict", "Warn")  # sorted, as sets.List() prints them
@@ -244,6 +250,16 @@ def _gvk_string(api_version: str, kind: str) -> str:
 
 
 def _bound_object_violations(ref: pb.BoundObjectReference, base: str) -> Iterable[FieldViolation]:
+    for path, value, limit in (
+        ("api_version", ref.api_version, MAX_API_VERSION_LENGTH),
+        ("uid", ref.uid, MAX_UID_LENGTH),
+    ):
+        if len(value.encode()) > limit:
+            yield _v(
+                f"{base}.{path}",
+                too_long(f"may not be longer than {limit} bytes{_OUR_LIMIT}"),
+                "FieldValueTooLong",
+            )
     group = ref.api_version.rpartition("/")[0]
     kind_ok = ref.kind in BOUND_OBJECT_KINDS
     if not ref.kind:

@@ -283,7 +283,7 @@ def test_for_call_broker_refusals() -> None:
     unbound_uid = AuditRecord.for_call(
         create_request(bound=pb.BoundObjectReference(kind="Secret", name="s1")),
         request_id="r",
-        identity=None,
+        identity=Identity(method="apiKey", name="ci"),
         peer=None,
         latency_ms=0.2,
         error=BrokerError(grpc.StatusCode.PERMISSION_DENIED, "no rule", "NO_MATCHING_RULE"),

@@ -5,7 +5,6 @@ socket, precedence, deny-by-default, and what reaches callers and logs."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import hmac
@@ -28,6 +27,7 @@ from cert_support import client_cert
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from grpc import aio
+from jwt_support import AUDIENCE, ISSUER, Signer, b64, issuer_settings, rsa_key, write_jwks
 
 from broker.authn import (
     REASON_CREDENTIALS_INVALID,
@@ -46,8 +46,6 @@ from broker.config import (
 )
 from broker.errors import BrokerError, RichStatus, rich_status_from_call
 
-ISSUER = "https://issuer.example"
-AUDIENCE = "token-broker"
 SPIFFE_ID = "spiffe://example.org/ci/runner"
 MESSAGE_MISSING = "the request carries no credentials"
 MESSAGE_INVALID = "the credentials could not be verified"
@@ -386,63 +384,6 @@ async def test_api_key_file_missing_or_duplicate_hashes(tmp_path: Path) -> None:
 # --- JWT -----------------------------------------------------------------------------------
 
 
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-@dataclass
-class Signer:
-    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-    kid: str
-    alg: str
-
-    def jwk(self, *, with_alg: bool = True) -> dict[str, Any]:
-        public = self.key.public_key()
-        if isinstance(public, rsa.RSAPublicKey):
-            data = jwt.algorithms.RSAAlgorithm.to_jwk(public, as_dict=True)
-        else:
-            data = jwt.algorithms.ECAlgorithm.to_jwk(public, as_dict=True)
-        data.update(kid=self.kid, use="sig")
-        if with_alg:
-            data["alg"] = self.alg
-        return data
-
-    def public_pem(self) -> bytes:
-        return self.key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-
-    def mint(
-        self,
-        *,
-        exp: float = 300,
-        iat: float = 0,
-        nbf: float | None = None,
-        drop: tuple[str, ...] = (),
-        kid: str | None = None,
-        **claims: Any,
-    ) -> str:
-        """A signed token; exp/iat/nbf are offsets from now in seconds."""
-        now = int(time.time())
-        payload: dict[str, Any] = {
-            "iss": ISSUER,
-            "aud": AUDIENCE,
-            "sub": "ci/runner",
-            "exp": now + exp,
-            "iat": now + iat,
-        }
-        if nbf is not None:
-            payload["nbf"] = now + nbf
-        payload.update(claims)
-        for name in drop:
-            payload.pop(name)
-        return jwt.encode(payload, self.key, algorithm=self.alg, headers={"kid": kid or self.kid})
-
-
-def rsa_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
 @pytest.fixture(scope="module")
 def rsa_signer() -> Signer:
     return Signer(rsa_key(), "rsa-1", "RS256")
@@ -451,15 +392,6 @@ def rsa_signer() -> Signer:
 @pytest.fixture(scope="module")
 def ec_signer() -> Signer:
     return Signer(ec.generate_private_key(ec.SECP256R1()), "ec-1", "ES256")
-
-
-def write_jwks(path: Path, *jwks: dict[str, Any]) -> Path:
-    path.write_text(json.dumps({"keys": list(jwks)}), encoding="utf-8")
-    return path
-
-
-def issuer_settings(**overrides: Any) -> dict[str, Any]:
-    return {"jwt": {"issuers": [{"issuer": ISSUER, "audiences": [AUDIENCE, "other"], **overrides}]}}
 
 
 @pytest.fixture

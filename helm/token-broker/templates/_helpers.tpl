@@ -123,8 +123,8 @@ a change rolls the pods; the policy is a separate file the broker reloads by its
 {{- $issuers = append $issuers $out -}}
 {{- end -}}
 {{- $authn := dict "mtls" (dict "enabled" $v.authentication.mtls.enabled) "apiKeys" $apiKeys "jwt" (dict "issuers" $issuers) -}}
-{{- $rateLimit := omit $v.rateLimit "redis" "perCaller" "perServiceAccount" "global" -}}
-{{- range $scope := list "perCaller" "perServiceAccount" "global" -}}
+{{- $rateLimit := omit $v.rateLimit "redis" "perCaller" "perServiceAccount" "global" "authFailuresPerPeer" -}}
+{{- range $scope := list "perCaller" "perServiceAccount" "global" "authFailuresPerPeer" -}}
 {{- $limit := get $v.rateLimit $scope -}}
 {{- if kindIs "map" $limit -}}
 {{- $_ := set $rateLimit $scope $limit -}}

@@ -24,8 +24,7 @@ import pytest
 import trustme
 from aiohttp import web
 from cert_support import client_cert
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from grpc import aio
 from jwt_support import AUDIENCE, ISSUER, Signer, b64, issuer_settings, rsa_key, write_jwks
 

@@ -665,9 +665,10 @@ class AuditLog:
             self._count_unqueued()
             raise ValueError("the audit log is closed")
         blocked = self._blocked_for()
-        if blocked is not None and self._fail_closed:
+        if blocked is not None:
             self._health_changed()
-            raise TimeoutError(f"the audit log has not taken a line for {blocked:.0f}s")
+            if self._fail_closed:
+                raise TimeoutError(f"the audit log has not taken a line for {blocked:.0f}s")
         try:
             line = self._enqueue(text, awaited=blocked is None)
         except _QueueFull:

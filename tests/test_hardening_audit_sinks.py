@@ -546,3 +546,15 @@ async def test_serve_sighup_reopens_the_audit_file(
     await process.wait_for(f"audit log {path} reopened", stream="stderr")
     assert path.exists() and path.stat().st_mode & 0o777 == 0o640 & ~_umask()
     assert await process.terminate() == 0
+
+
+def test_the_chart_passes_the_audit_bounds_through() -> None:
+    from test_helm import load_settings_from, render  # helm is installed by `make helm`
+
+    settings = load_settings_from(render({}))
+    assert (settings.audit.sink, settings.audit.write_timeout_seconds) == ("stdout", 2)
+    assert settings.audit.max_queued_lines == 10_000
+    values = {"audit": {"failClosed": True, "writeTimeoutSeconds": 0.5, "maxQueuedLines": 100}}
+    settings = load_settings_from(render(values))
+    assert settings.audit.fail_closed is True
+    assert (settings.audit.write_timeout_seconds, settings.audit.max_queued_lines) == (0.5, 100)

@@ -42,12 +42,13 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 import grpc
 
@@ -335,28 +336,38 @@ class _QueueFull(Exception):
     """`audit.maxQueuedLines` lines are waiting already: the line is not queued."""
 
 
+class _WaitExpired(Exception):
+    """A caller waited `write_timeout_seconds` for its line (set on its future)."""
+
+
 def _cause(exc: BaseException) -> str:
     """A short reason for logs and callers: the OS error text, or the exception's message."""
     return (exc.strerror if isinstance(exc, OSError) else None) or str(exc) or type(exc).__name__
 
 
-class _Sink(Protocol):
-    def write(self, line: str) -> None: ...
+class _Sink:
+    """Where lines go; called from the writer thread only. The defaults: nothing to follow,
+    check or reopen."""
+
+    def write(self, line: str) -> None:
+        raise NotImplementedError
 
     def prepare(self) -> None:
         """Before each batch of lines (the file sink follows its path)."""
 
     def check(self) -> None:
         """While failing: raise OSError if the sink is still unwritable, as far as can be
-        told without writing a line."""
+        told without writing a line (by default it cannot be: the next line tells)."""
 
     def reopen(self) -> bool:
         """Reopen (SIGHUP); False when there is nothing to reopen."""
+        return False
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        pass
 
 
-class _StreamSink:
+class _StreamSink(_Sink):
     """A text stream the caller owns (a StringIO in tests): flushed, not closed."""
 
     def __init__(self, stream: TextIO) -> None:
@@ -369,23 +380,15 @@ class _StreamSink:
         self._stream.write(line)
         self._stream.flush()
 
-    def prepare(self) -> None:
-        pass
-
-    def check(self) -> None:
-        pass  # cannot be told without writing: the next line tells
-
-    def reopen(self) -> bool:
-        return False
-
     def close(self) -> None:
         self._stream.flush()
 
 
-class _FdSink:
-    """A file descriptor: one unbuffered write(2) per line, so nothing lingers in a buffer
-    after a failure to be written later, and a writer blocked in write(2) holds no Python
-    lock (a buffered stdout's lock would stop the interpreter's exit)."""
+class _FdSink(_Sink):
+    """A file descriptor (stdout: not ours to close): one unbuffered write(2) per line, so
+    nothing lingers in a buffer after a failure to be written later, and a writer blocked in
+    write(2) holds no Python lock (a buffered stdout's lock would stop the interpreter's
+    exit)."""
 
     def __init__(self, fd: int | None, name: str) -> None:
         self._fd = fd
@@ -407,18 +410,6 @@ class _FdSink:
         finally:
             if written:
                 self._torn = data[written - 1] != ord("\n")
-
-    def prepare(self) -> None:
-        pass
-
-    def check(self) -> None:
-        pass  # cannot be told without writing: the next line tells
-
-    def reopen(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass  # stdout is not ours to close
 
 
 class _FileSink(_FdSink):
@@ -498,14 +489,15 @@ _QUEUED, _WRITING, _DONE, _WITHDRAWN = range(4)
 
 
 class _Line:
-    __slots__ = ("error", "future", "lost_if_unwritten", "state", "text")
+    __slots__ = ("deadline", "error", "future", "lost_if_unwritten", "state", "text")
 
     def __init__(
         self, text: str, future: asyncio.Future[None] | None, *, lost_if_unwritten: bool
     ) -> None:
         self.text = text
-        # The waiting caller's (None: nobody waits).
+        # The waiting caller's (None: nobody waits), and when it stops waiting (loop.time()).
         self.future = future
+        self.deadline = 0.0
         # Counted lost when not written: its call went on without it (not a fail-closed
         # refusal, which answers for its own line).
         self.lost_if_unwritten = lost_if_unwritten
@@ -566,9 +558,14 @@ class AuditLog:
         self._listeners: list[Callable[[], None]] = []
         self._checker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Shared with the writer thread.
+        # The lines callers wait for, in order (their deadlines too), and the one timer that
+        # ends the waits that run out: cheaper than a timeout per call.
+        self._waiting: deque[_Line] = deque()
+        self._watchdog: asyncio.TimerHandle | None = None
+        # Shared with the writer thread: the queue (appended to here, emptied there) and
+        # the lines' states.
         self._lock = threading.Lock()
-        self._queue: list[_Line | _Action] = []
+        self._queue: deque[_Line | _Action] = deque()
         self._wake = threading.Event()
         # time.monotonic() when the write in progress started (None: none in progress).
         self._write_started: float | None = None
@@ -677,16 +674,13 @@ class AuditLog:
             raise
         if line.future is None:
             return  # fail-open, and the sink is stuck: waiting would only delay the call
-        timeout = asyncio.timeout(self._write_timeout)
         try:
-            async with timeout:
-                # A cancelled caller stops waiting (its future is cancelled); the line is
-                # still written.
-                await line.future
+            # A cancelled caller stops waiting (its future is cancelled); the line is still
+            # written.
+            await line.future
             return
-        except TimeoutError:
-            if not timeout.expired():
-                raise  # the sink's own error
+        except _WaitExpired:
+            pass
         with self._lock:
             state = line.state
             if state == _QUEUED and self._fail_closed:
@@ -715,19 +709,38 @@ class AuditLog:
             loop.create_future() if awaited else None,
             lost_if_unwritten=not (awaited and self._fail_closed),
         )
-        with self._lock:
-            self._queue.append(line)
+        if awaited:
+            line.deadline = loop.time() + self._write_timeout
+            self._waiting.append(line)
+            if self._watchdog is None:
+                self._watchdog = loop.call_at(line.deadline, self._end_expired_waits)
+        self._queue.append(line)  # deque.append: atomic, no lock against the writer
         self._pending += 1
         if not self._wake.is_set():
             self._wake.set()
         return line
 
+    def _end_expired_waits(self) -> None:
+        """The watchdog: the callers whose wait ran out stop waiting (`_WaitExpired`)."""
+        self._watchdog = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        waiting = self._waiting
+        while waiting:
+            line = waiting[0]
+            assert line.future is not None
+            if not line.future.done():
+                if line.deadline > now:
+                    self._watchdog = loop.call_at(line.deadline, self._end_expired_waits)
+                    return
+                line.future.set_exception(_WaitExpired())
+            waiting.popleft()
+
     def _submit(self, run: Callable[[], object], *, last: bool = False) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         self._loop = loop
         future: asyncio.Future[BaseException | None] = loop.create_future()
-        with self._lock:
-            self._queue.append(_Action(run, future, last=last))
+        self._queue.append(_Action(run, future, last=last))
         self._wake.set()
         return future
 
@@ -746,6 +759,10 @@ class AuditLog:
                 self._sink_error = _cause(line.error)
                 if line.future is not None and not line.future.done():
                     line.future.set_exception(line.error)
+        # Lines are done in order: forget the waits that ended.
+        waiting = self._waiting
+        while waiting and waiting[0].future is not None and waiting[0].future.done():
+            waiting.popleft()
         self._health_changed()
 
     def _health_changed(self) -> None:
@@ -765,12 +782,18 @@ class AuditLog:
             logger.error(
                 "%s; refusing to issue tokens until it is writable (audit.failClosed)", problem
             )
-        else:
+        elif self._blocked_for() is not None:
             logger.error(
-                "%s; tokens are issued without audit lines until it is writable, at most %d "
-                "lines wait in memory (audit.failClosed is off)",
+                "%s; tokens are issued while their lines wait, at most %d in memory, the rest "
+                "lost (audit.failClosed is off)",
                 problem,
                 self._max_queued,
+            )
+        else:
+            logger.error(
+                "%s; tokens are issued without audit lines until it is writable "
+                "(audit.failClosed is off)",
+                problem,
             )
         if not healthy and self._sink_error is not None and self._checker is None:
             self._checker = asyncio.get_running_loop().create_task(
@@ -856,8 +879,10 @@ class AuditLog:
             self._wake.wait()
             # Cleared before taking the items: one queued after this is woken for again.
             self._wake.clear()
-            with self._lock:
-                items, self._queue = self._queue, []
+            items: list[_Line | _Action] = []
+            with contextlib.suppress(IndexError):
+                while True:
+                    items.append(self._queue.popleft())
             done: list[_Line] = []
             # The sink is prepared (the file's path followed) once per batch.
             prepared = False
@@ -882,22 +907,25 @@ class AuditLog:
                     if item.state == _WITHDRAWN:
                         continue
                     item.state = _WRITING
-                if not prepared:
-                    prepared = True
-                    try:
-                        self._sink.prepare()
-                        prepare_error = None
-                    except (OSError, ValueError) as exc:
-                        prepare_error = exc  # not written where the path names: the batch fails
-                written_error = prepare_error
-                if written_error is None:
-                    self._write_started = time.monotonic()
-                    try:
-                        self._sink.write(item.text)
-                    except (OSError, ValueError) as exc:
-                        written_error = exc
-                    finally:
-                        self._write_started = None
+                # A stat(2) or write(2) that hangs (a full pipe, a hung mount) shows as
+                # blocked once it has taken longer than the write timeout.
+                self._write_started = time.monotonic()
+                try:
+                    if not prepared:
+                        prepared = True
+                        try:
+                            self._sink.prepare()
+                            prepare_error = None
+                        except (OSError, ValueError) as exc:
+                            prepare_error = exc  # not written where the path names: all fail
+                    written_error = prepare_error
+                    if written_error is None:
+                        try:
+                            self._sink.write(item.text)
+                        except (OSError, ValueError) as exc:
+                            written_error = exc
+                finally:
+                    self._write_started = None
                 with self._lock:
                     item.error = written_error
                     item.state = _DONE

@@ -461,7 +461,8 @@ class _StateCollector(Collector):
         if self.ready is not None:
             yield GaugeMetricFamily(
                 "token_broker_ready",
-                "1 when the broker is ready (policy loaded, Kubernetes API reachable), else 0.",
+                "1 when the broker is ready (policy loaded, audit log writable, Kubernetes API "
+                "reachable), else 0.",
                 value=1 if self.ready() else 0,
             )
 

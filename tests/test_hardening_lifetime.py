@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import jwt
 import pytest
 import yaml
 from conftest import (
@@ -33,6 +32,7 @@ from conftest import (
     create_request,
 )
 from grpc import aio
+from test_audit import claims_of
 
 from broker.config import KubernetesSettings, load_settings
 from broker.emulator import Emulator
@@ -129,15 +129,6 @@ def pod_ref(emulator: Emulator) -> pb.BoundObjectReference:
     return pb.BoundObjectReference(kind="Pod", api_version="v1", name=POD, uid=uid)
 
 
-def verified_claims(emulator: Emulator, token: str) -> dict[str, Any]:
-    kid = jwt.get_unverified_header(token)["kid"]
-    key = next(k for k in jwt.PyJWKSet.from_dict(emulator.jwks()).keys if k.key_id == kid)
-    claims: dict[str, Any] = jwt.decode(
-        token, key.key, algorithms=["RS256"], options={"verify_aud": False}
-    )
-    return claims
-
-
 async def eventually(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
@@ -169,7 +160,7 @@ async def test_a_3607_second_pod_bound_request_gets_a_token_of_at_most_the_rule_
             create_request(audiences=audiences, expiration_seconds=3607, bound=pod_ref(emulator)),
             timeout=30,
         )
-    claims = verified_claims(emulator, response.token_request.status.token)
+    claims = claims_of(emulator, response.token_request.status.token)
     # Not extended: the JWT is valid for what was asked of the API server, and says so.
     assert claims["exp"] - claims["iat"] == 3606
     assert "warnafter" not in claims["kubernetes.io"]
@@ -202,7 +193,7 @@ async def test_the_shipped_dev_policy_no_longer_hands_out_year_long_tokens(
             ),
             timeout=30,
         )
-    claims = verified_claims(emulator, response.token_request.status.token)
+    claims = claims_of(emulator, response.token_request.status.token)
     assert claims["exp"] - claims["iat"] == 3606 <= 24 * 3600
     assert broker.audit_lines()[0]["tokenLifetimeSeconds"] == 3606
 
@@ -323,7 +314,7 @@ async def test_a_cached_token_is_checked_against_the_rule_in_force(
     channel, stub = await stub_for(broker)
     async with channel:
         response = await stub.CreateToken(request, timeout=30)
-        claims = verified_claims(emulator, response.token_request.status.token)
+        claims = claims_of(emulator, response.token_request.status.token)
         assert claims["exp"] - claims["iat"] == ONE_YEAR
         assert broker.audit_lines()[0]["tokenLifetimeSeconds"] == ONE_YEAR
         assert broker.metric("token_broker_token_granted_lifetime_seconds_sum") == ONE_YEAR

@@ -501,10 +501,11 @@ async def test_serve_with_a_stdout_pipe_nobody_reads(
             # ready again.
             pipe.drain()
             for _ in range(600):
-                if (await http_get(f"{admin}/readyz"))[0] == 200:
+                metrics = (await http_get(f"{admin}/metrics"))[1]
+                if metric_value(metrics, "token_broker_audit_lines_pending") == 0:
                     break
                 await asyncio.sleep(0.05)
-            metrics = (await http_get(f"{admin}/metrics"))[1]
+            assert (await http_get(f"{admin}/readyz"))[0] == 200
             assert metric_value(metrics, "token_broker_audit_sink_up") == 1
             assert metric_value(metrics, "token_broker_audit_lines_written_total") == 5
             assert metric_value(metrics, "token_broker_audit_lines_pending") == 0

@@ -52,13 +52,10 @@ repr, log line or exception message here contains one.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import functools
 import heapq
 import itertools
-import json
 import logging
 import random
 import time
@@ -72,6 +69,7 @@ from broker.config import CacheSettings
 from broker.errors import BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.identity import AuthMethod, Identity
+from broker.issued_token import read_token
 from broker.policy import Decision
 from broker.upstream import REASON_TIMEOUT, UpstreamResult
 
@@ -336,6 +334,16 @@ class TokenCache:
     def peek(self, key: CacheKey) -> CacheEntry | None:
         """The entry of `key`, expired or not, without touching LRU order or counters."""
         return self._entries.get(key)
+
+    def discard(self, key: CacheKey, token_request: pb.TokenRequest) -> bool:
+        """Forget the entry of `key` if it holds this very token (a refresh may have replaced
+        it since): a token the broker withheld is not served to the next caller. True if an
+        entry was removed."""
+        entry = self._entries.get(key)
+        if entry is None or entry.result.token_request.status.token != token_request.status.token:
+            return False
+        self._remove(key)
+        return True
 
     # --- the request path -----------------------------------------------------------------
 
@@ -653,7 +661,7 @@ def token_lifetime(token_request: pb.TokenRequest) -> float | None:
         return None
     ts = status.expiration_timestamp
     expires = ts.seconds + ts.nanos / 1e9
-    issued = _jwt_issued_at(status.token)
+    issued = read_token(status.token).issued_at
     if issued is None and token_request.metadata.HasField("creation_timestamp"):
         created = token_request.metadata.creation_timestamp
         issued = created.seconds + created.nanos / 1e9
@@ -664,21 +672,6 @@ def token_lifetime(token_request: pb.TokenRequest) -> float | None:
     else:
         return None
     return lifetime if lifetime > 0 else None
-
-
-def _jwt_issued_at(token: str) -> float | None:
-    """The `iat` claim, read without verification (the API server just minted the token)."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (ValueError, binascii.Error):
-        return None
-    iat = claims.get("iat") if isinstance(claims, dict) else None
-    if isinstance(iat, bool) or not isinstance(iat, int | float):
-        return None
-    return float(iat)
 
 
 def _copy(result: UpstreamResult) -> UpstreamResult:

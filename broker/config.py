@@ -150,6 +150,10 @@ class AuditSettings(_Section):
     file: Path | None = None
     # Refuse to issue a token (UNAVAILABLE, AUDIT_UNAVAILABLE) when its line cannot be written.
     fail_closed: bool = False
+    # A call waits at most this long for its line (a blocked sink: a pipe nobody reads).
+    write_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    # Lines waiting to be written, at most; beyond, a line is not queued (refused or lost).
+    max_queued_lines: int = Field(default=10_000, ge=1, le=1_000_000)
 
     @model_validator(mode="after")
     def _file_iff_file_sink(self) -> AuditSettings:

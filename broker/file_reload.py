@@ -208,10 +208,12 @@ def reload_on_sighup(
     files: Sequence[ReloadingFiles[Any]],
     *,
     pending: bool = False,
+    reopen: Sequence[Callable[[], None]] = (),
 ) -> Callable[[], None]:
     """SIGHUP re-reads each of `files` at once (they are polled too); returns a function
     removing the handler. `pending`: a SIGHUP came before (while the server started), so they
-    are re-read now too."""
+    are re-read now too. `reopen`: also called on SIGHUP, e.g. to reopen the audit file after
+    a rotation (they must not block: they log their own outcome)."""
     tasks: set[asyncio.Task[None]] = set()
 
     async def reload_all() -> None:
@@ -219,6 +221,8 @@ def reload_on_sighup(
             await reloading.reload_logged()
 
     def on_sighup() -> None:
+        for action in reopen:
+            action()
         task = loop.create_task(reload_all())
         tasks.add(task)
         task.add_done_callback(tasks.discard)

@@ -91,11 +91,19 @@ class FollowedFile(Protocol):
     reload_failures: int
 
 
-class LostLines(Protocol):
+class AuditState(Protocol):
     """What AuditLog keeps."""
 
     @property
     def lost_lines(self) -> int: ...
+
+    @property
+    def written_lines(self) -> int: ...
+
+    @property
+    def pending_lines(self) -> int: ...
+
+    def problem(self) -> str | None: ...
 
 
 class CacheStats(Protocol):
@@ -192,8 +200,16 @@ class BrokerMetrics:
         )
         self.granted_lifetime = Histogram(
             "token_broker_token_granted_lifetime_seconds",
-            "Lifetimes of the tokens handed out, as the API server granted them.",
+            "Lifetimes of the tokens handed out, as their own claims say (exp - iat): what "
+            "they are valid for, extensions by the API server included.",
             buckets=LIFETIME_BUCKETS,
+            registry=r,
+        )
+        self.tokens_withheld = Counter(
+            "token_broker_tokens_withheld",
+            "Tokens minted (or taken from the cache) but not handed out, by the ErrorInfo "
+            "reason of the refusal: TOKEN_LIFETIME_EXCEEDS_POLICY, AUDIT_UNAVAILABLE.",
+            ("reason",),
             registry=r,
         )
 
@@ -282,11 +298,16 @@ class BrokerMetrics:
         return (OTHER_CALLER,)
 
     def token_issued(
-        self, namespace: str, granted_seconds: int | None, caller: str | None = None
+        self, namespace: str, lifetime_seconds: int | None, caller: str | None = None
     ) -> None:
+        """A token handed out; `lifetime_seconds`: its own (exp - iat), None when unknown."""
         self.tokens_issued.labels(namespace, *self._caller(caller)).inc()
-        if granted_seconds is not None:
-            self.granted_lifetime.observe(granted_seconds)
+        if lifetime_seconds is not None:
+            self.granted_lifetime.observe(lifetime_seconds)
+
+    def token_withheld(self, reason: str) -> None:
+        """A call had a token and did not hand it out (`reason`: the refusal's)."""
+        self.tokens_withheld.labels(reason).inc()
 
     def token_requested(self, expiration_seconds: int | None) -> None:
         self.requested_lifetime.observe(
@@ -337,7 +358,7 @@ class BrokerMetrics:
         self._state.files = files
         self._state.certificate_expiry = certificate_expiry
 
-    def watch_audit(self, source: LostLines | None) -> None:
+    def watch_audit(self, source: AuditState | None) -> None:
         self._state.audit = source
 
     def watch_readiness(self, ready: Callable[[], bool] | None) -> None:
@@ -374,7 +395,7 @@ class _StateCollector(Collector):
 
     def __init__(self) -> None:
         self.policy: ReloadCounts | None = None
-        self.audit: LostLines | None = None
+        self.audit: AuditState | None = None
         self.ready: Callable[[], bool] | None = None
         self.cache_source: Callable[[], CacheStats] | None = None
         self.cache = CacheSnapshot()
@@ -419,11 +440,7 @@ class _StateCollector(Collector):
             "Policy file versions refused (the last good policy stayed in force).",
             value=policy.reload_failures if policy is not None else 0,
         )
-        yield CounterMetricFamily(
-            "token_broker_audit_lines_lost",
-            "Audit lines that could not be written (audit.failClosed off).",
-            value=self.audit.lost_lines if self.audit is not None else 0,
-        )
+        yield from self._collect_audit()
         stats: CacheStats = self.cache_source() if self.cache_source is not None else self.cache
         cache = "token_broker_cache_"
         yield CounterMetricFamily(
@@ -445,8 +462,36 @@ class _StateCollector(Collector):
         if self.ready is not None:
             yield GaugeMetricFamily(
                 "token_broker_ready",
-                "1 when the broker is ready (policy loaded, Kubernetes API reachable), else 0.",
+                "1 when the broker is ready (policy loaded, audit log writable, Kubernetes API "
+                "reachable), else 0.",
                 value=1 if self.ready() else 0,
+            )
+
+    def _collect_audit(self) -> Iterator[Metric]:
+        audit = self.audit
+        yield CounterMetricFamily(
+            "token_broker_audit_lines_written",
+            "Audit lines written to the sink.",
+            value=audit.written_lines if audit is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "token_broker_audit_lines_lost",
+            "Audit lines never written although their call went on (audit.failClosed off), "
+            "or that were written without waiting (a refusal's own line): the write failed, "
+            "the queue was full, or the sink was still blocked at shutdown.",
+            value=audit.lost_lines if audit is not None else 0,
+        )
+        if audit is not None:
+            yield GaugeMetricFamily(
+                "token_broker_audit_lines_pending",
+                "Audit lines queued or being written now (at most audit.maxQueuedLines).",
+                value=audit.pending_lines,
+            )
+            yield GaugeMetricFamily(
+                "token_broker_audit_sink_up",
+                "1 while the audit sink takes lines; 0 while it is blocked (a write outstanding "
+                "longer than audit.writeTimeoutSeconds) or its last write failed.",
+                value=int(audit.problem() is None),
             )
 
     def _collect_files(self) -> Iterator[Metric]:

@@ -52,6 +52,11 @@ Semantics, firewall style:
   maxExpiration: `cap` grants maxExpiration with the API server's warning
   `requested expiration of X seconds shortened to Y seconds` (X is 3600 when the request
   named none); `reject` denies.
+- A Pod-bound grant of exactly 3607 s under a maxExpiration shorter than a year is granted as
+  3606 s, with the same warning: kube-apiserver would extend a 3607 s Pod-bound token for its
+  own audiences to a year (and which audiences are its own is not known here). Whatever the
+  API server does, the token it mints is checked against maxExpiration before anyone gets it
+  (`Decision.max_expiration_seconds`, broker.issued_token.check_lifetime).
 
 Denial messages are safe for the caller: they say which constraint failed, never what other
 rules or the audience allowlist contain. `explain` (for the CLI's operators) tells all.
@@ -74,7 +79,9 @@ from broker.errors import BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.identity import CERTIFICATE_FIELDS, FIELD_TITLES, CertificateNames, Identity
 from broker.policy_schema import (
+    EXPIRATION_EXTENSION_SECONDS,
     SERVER_DEFAULT_EXPIRATION_SECONDS,
+    WARN_ONLY_BOUND_TOKEN_EXPIRATION_SECONDS,
     PolicyDocument,
     PolicyError,
     Rule,
@@ -127,6 +134,9 @@ class Decision:
     cacheable: bool = False
     # The deciding rule's `rateLimit` overrides (broker.ratelimit); None: the settings' limits.
     rate_limit: RuleRateLimit | None = None
+    # The deciding rule's maxExpiration (allowed decisions): the longest the token actually
+    # minted may be valid for (broker.issued_token.check_lifetime).
+    max_expiration_seconds: int | None = None
 
     def effective_request(self, request: pb.CreateTokenRequest) -> pb.CreateTokenRequest:
         """A copy of the request with the granted audiences and expiration filled in."""
@@ -439,7 +449,7 @@ def _decide_with(rule: Rule, request: pb.CreateTokenRequest) -> Decision:
     requested = spec.expiration_seconds if spec.HasField("expiration_seconds") else None
     expiration = requested if requested is not None else rule.default_expiration
     effective = expiration if expiration is not None else SERVER_DEFAULT_EXPIRATION_SECONDS
-    warnings: tuple[str, ...] = ()
+    granted = effective
     if effective > rule.max_expiration:
         if rule.on_longer_expiration == "reject":
             what = "requested expiration" if requested is not None else "default expiration"
@@ -448,11 +458,18 @@ def _decide_with(rule: Rule, request: pb.CreateTokenRequest) -> Decision:
                 f"{what} of {effective} seconds is longer than the maximum of "
                 f"{rule.max_expiration} seconds for this service account",
             )
-        expiration = rule.max_expiration
-        warnings = (
-            f"requested expiration of {effective} seconds shortened to "
-            f"{rule.max_expiration} seconds",
-        )
+        granted = rule.max_expiration
+    if (
+        granted == WARN_ONLY_BOUND_TOKEN_EXPIRATION_SECONDS
+        and spec.HasField("bound_object_ref")
+        and spec.bound_object_ref.kind == "Pod"
+        and rule.max_expiration < EXPIRATION_EXTENSION_SECONDS
+    ):
+        granted -= 1  # not the one length the API server extends to a year
+    warnings: tuple[str, ...] = ()
+    if granted != effective:
+        expiration = granted
+        warnings = (f"requested expiration of {effective} seconds shortened to {granted} seconds",)
     return Decision(
         allowed=True,
         reason=ALLOWED,
@@ -463,4 +480,5 @@ def _decide_with(rule: Rule, request: pb.CreateTokenRequest) -> Decision:
         warnings=warnings,
         cacheable=rule.cache.enabled,
         rate_limit=rule.rate_limit,
+        max_expiration_seconds=rule.max_expiration,
     )

@@ -36,6 +36,11 @@ OnLongerExpiration = Literal["cap", "reject"]
 MIN_EXPIRATION_SECONDS = 600
 MAX_EXPIRATION_SECONDS = 1 << 32
 SERVER_DEFAULT_EXPIRATION_SECONDS = 3600
+# kube-apiserver's kubelet-style extension (--service-account-extend-token-expiration, on by
+# default): a Pod-bound request of exactly this many seconds for its own audiences gets a JWT
+# valid for EXPIRATION_EXTENSION_SECONDS, while spec and status still say 3607 s.
+WARN_ONLY_BOUND_TOKEN_EXPIRATION_SECONDS = 3607
+EXPIRATION_EXTENSION_SECONDS = 365 * 24 * 60 * 60
 
 _RULE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
 RULE_NAME_MAX_LENGTH = 128

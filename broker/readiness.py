@@ -1,5 +1,10 @@
-"""Readiness: may this broker take traffic? The policy is loaded and the Kubernetes API is
-reachable, recently.
+"""Readiness: may this broker take traffic? The policy is loaded, the audit log takes lines,
+and the Kubernetes API is reachable, recently.
+
+The audit log (`watch_audit`) is not ready while its sink is blocked (a write outstanding for
+longer than `audit.writeTimeoutSeconds`) or its last write failed, fail-open or not: a broker
+that cannot account for its tokens should not be where load balancers send callers. It tells
+when that changes, and checks a failed sink now and then by itself (broker.audit).
 
 "Reachable" means the API server answered with a non-5xx status: a 401, 403 or 429 is an
 API server that is up (and a problem readiness cannot fix); a connection error, a timeout or
@@ -20,6 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from broker.upstream import AttemptOutcome, UpstreamClient
 
@@ -38,6 +44,14 @@ class ReadyState:
 Listener = Callable[[ReadyState], Awaitable[None]]
 
 
+class AuditHealth(Protocol):
+    """What broker.audit.AuditLog tells about its sink."""
+
+    def problem(self) -> str | None: ...
+
+    def add_listener(self, listener: Callable[[], None]) -> None: ...
+
+
 class Readiness:
     """The broker's readiness; `state()` evaluates it, `publish()` tells the listeners."""
 
@@ -50,6 +64,7 @@ class Readiness:
         # The first failure since the last success; None while the last outcome succeeded.
         self._failing_since: float | None = None
         self._listeners: list[Listener] = []
+        self._audit: AuditHealth | None = None
         self._published: ReadyState | None = None
         self._tasks: set[asyncio.Task[ReadyState]] = set()
 
@@ -61,6 +76,11 @@ class Readiness:
 
     def shutting_down(self) -> None:
         self._shutting_down = True
+
+    def watch_audit(self, audit: AuditHealth) -> None:
+        """Not ready while the audit log's sink has a problem; flips as soon as it says so."""
+        self._audit = audit
+        audit.add_listener(self._publish_if_flipped)
 
     @property
     def last_success(self) -> float | None:
@@ -81,6 +101,9 @@ class Readiness:
             return ReadyState(False, "shutting down")
         if not self._policy_loaded:
             return ReadyState(False, "the policy is not loaded")
+        problem = self._audit.problem() if self._audit is not None else None
+        if problem is not None:
+            return ReadyState(False, problem)
         if self._last_success is None:
             return ReadyState(False, "the Kubernetes API server has not answered yet")
         if self._failing_since is not None:
@@ -112,6 +135,9 @@ class Readiness:
         if reachable is None:
             return
         self.record(reachable)
+        self._publish_if_flipped()
+
+    def _publish_if_flipped(self) -> None:
         published = self._published
         if published is not None and published.ready != self.state().ready:
             # Flip the health statuses now, not at the next probe.

@@ -183,6 +183,11 @@ class BrokerServer:
         """The files followed while serving: polled, and re-read at once on SIGHUP."""
         return list(self._reloading)
 
+    def reopen_audit_log(self) -> None:
+        """Reopen the audit file (SIGHUP: after a rotation); the outcome is logged."""
+        if self._audit is not None:
+            self._audit.reopen()
+
     @property
     def upstream(self) -> UpstreamClient:
         if self._upstream is None:
@@ -216,6 +221,7 @@ class BrokerServer:
                 self._policy if isinstance(self._policy, PolicyStore) else None
             )
             self.metrics.watch_audit(self._audit)
+            self.readiness.watch_audit(self._audit)
             self._cache = TokenCache(
                 self.settings.cache,
                 fetch_timeout=self.settings.kubernetes.request_timeout_seconds,
@@ -552,8 +558,11 @@ async def serve_until_signal(server: BrokerServer, started: StartSignals | None 
 
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
-    # SIGHUP re-reads the followed files at once (they are also polled).
-    remove_sighup = reload_on_sighup(loop, server.reloading_files, pending=started.reload)
+    # SIGHUP re-reads the followed files at once (they are also polled), and reopens the audit
+    # file.
+    remove_sighup = reload_on_sighup(
+        loop, server.reloading_files, pending=started.reload, reopen=(server.reopen_audit_log,)
+    )
     terminated = asyncio.ensure_future(server.wait_for_termination())
     requested = asyncio.ensure_future(stop_requested.wait())
     try:

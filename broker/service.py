@@ -5,6 +5,15 @@ CreateToken = authenticate (authn.py) -> validate (validation.py) -> policy (pol
 -> Kubernetes API (upstream.py), then one audit line (audit.py) whatever happened. Each concern
 lives in its own module; this one only orders them and turns failures into gRPC statuses.
 
+Two checks come after a token exists, and withhold it (the caller gets a refusal that says a
+token was minted and not handed out, the audit line its jti, `token_broker_tokens_withheld`
+counts it):
+- its own lifetime against the deciding rule's maximum (issued_token.py), inside the fetch that
+  feeds the cache: a token longer than the rule allows is never cached nor shared with the
+  single-flight waiters;
+- its audit line, fail-closed: a token whose line could not be written is not handed out, and
+  is removed from the cache; a line of its own records the refusal (not awaited).
+
 Authentication comes first so that an unauthenticated caller learns nothing but
 UNAUTHENTICATED; validation comes before policy because policy reads the request's fields.
 Before it, only the limit on failed authentication per peer address (authn_throttle.py): a
@@ -42,6 +51,7 @@ from broker.errors import BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 from broker.identity import Identity
+from broker.issued_token import IssuedTokenRefused, check_lifetime
 from broker.logs import bind_request_id, current_request_id
 from broker.metrics import BrokerMetrics
 from broker.observe import annotate_call, quiet_call
@@ -75,6 +85,8 @@ class _Call:
     cache_hit: bool = False
     # Refused before authentication: the peer address failed authentication too often.
     throttled: PeerRefusal | None = None
+    # The cache entry the result came from or went to (None: not cacheable).
+    cache_key: CacheKey | None = None
 
 
 class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
@@ -161,7 +173,47 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
                 message="internal error in the token broker",
                 reason=REASON_INTERNAL,
             )
-        record = AuditRecord.for_call(
+        record = self._audit_record(request, request_id, context, call, started, error)
+        try:
+            if call.throttled is not None and not call.throttled.audited:
+                quiet_call()  # counted in its peer's episode, reported by a later line
+            else:
+                await self._audit.write(record)
+        except AuditWriteError as exc:
+            # Fail closed: a token nobody can account for is not handed out, nor left in the
+            # cache for the next caller. A call that was refused anyway keeps its own status.
+            if error is None:
+                error = exc.as_broker_error(cache_hit=call.cache_hit)
+                if call.cache_key is not None and call.result is not None:
+                    self._cache.discard(call.cache_key, call.result.token_request)
+                # Its line (queued or stuck) may never be written, or be written late saying
+                # the token was handed out: this one says what happened, if the sink recovers.
+                self._audit.write_nowait(
+                    self._audit_record(request, request_id, context, call, started, error)
+                )
+        if error is not None:
+            if call.result is not None:
+                self._metrics.token_withheld(error.reason)
+            annotate_call(reason=error.reason)
+            await error.abort(context)
+        assert response is not None
+        self._metrics.token_issued(
+            request.namespace,
+            record.token_lifetime_seconds,
+            call.identity.name if call.identity is not None else None,
+        )
+        return response
+
+    @staticmethod
+    def _audit_record(
+        request: pb.CreateTokenRequest,
+        request_id: str,
+        context: aio.ServicerContext[Any, Any],
+        call: _Call,
+        started: float,
+        error: BaseException | None,
+    ) -> AuditRecord:
+        return AuditRecord.for_call(
             request,
             request_id=request_id,
             identity=call.identity,
@@ -173,27 +225,6 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
             cache_hit=call.cache_hit,
             suppressed_refusals=call.throttled.suppressed if call.throttled else None,
         )
-        try:
-            if call.throttled is not None and not call.throttled.audited:
-                quiet_call()  # counted in its peer's episode, reported by a later line
-            else:
-                await self._audit.write(record)
-        except AuditWriteError as exc:
-            # Fail closed: a token nobody can account for is not handed out. A call that
-            # was refused anyway keeps its own status.
-            if error is None:
-                error = exc.as_broker_error()
-        if error is not None:
-            annotate_call(reason=error.reason)
-            await error.abort(context)
-        assert response is not None
-        spec = response.token_request.spec  # as the API server granted it
-        self._metrics.token_issued(
-            request.namespace,
-            spec.expiration_seconds if spec.HasField("expiration_seconds") else None,
-            call.identity.name if call.identity is not None else None,
-        )
-        return response
 
     async def _create_token(
         self,
@@ -237,13 +268,16 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
             override=decision.rate_limit,
         )
 
+        maximum = decision.max_expiration_seconds
+        assert maximum is not None  # allowed
+
         async def fetch(timeout: float | None) -> UpstreamResult:  # noqa: ASYNC109
             # Only calls that reach the API server take a slot (cache misses).
             started = time.monotonic()
             async with self._guard.slot(namespace, service_account, timeout=timeout):
                 left = None if timeout is None else timeout - (time.monotonic() - started)
                 try:
-                    return await self._upstream.create_token(
+                    result = await self._upstream.create_token(
                         namespace,
                         service_account,
                         effective.token_request,
@@ -258,16 +292,32 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
                     # Retry-After instead of sending more.
                     self._guard.record_error(namespace, service_account, err)
                     raise
+            # Before the cache stores it or any waiter gets it.
+            check_lifetime(result, maximum=maximum, rule=decision.rule)
+            return result
 
-        if self._cache.cacheable(decision, effective):
-            cached = await self._cache.get_or_fetch(
-                CacheKey.for_request(identity, effective), fetch, timeout=context.time_remaining()
-            )
-            call.result = result = cached.result
-            call.cache_hit = cached.hit
-            annotate_call(cache="hit" if cached.hit else "miss")
-        else:
-            call.result = result = await fetch(context.time_remaining())
+        try:
+            if self._cache.cacheable(decision, effective):
+                call.cache_key = key = CacheKey.for_request(identity, effective)
+                cached = await self._cache.get_or_fetch(
+                    key, fetch, timeout=context.time_remaining()
+                )
+                call.result = result = cached.result
+                call.cache_hit = cached.hit
+                annotate_call(cache="hit" if cached.hit else "miss")
+                if cached.hit:
+                    # Checked when minted, and again under the rule in force now: a policy
+                    # reload may have lowered its maximum.
+                    try:
+                        check_lifetime(result, maximum=maximum, rule=decision.rule)
+                    except IssuedTokenRefused:
+                        self._cache.discard(key, result.token_request)
+                        raise
+            else:
+                call.result = result = await fetch(context.time_remaining())
+        except IssuedTokenRefused as err:
+            call.result = err.result  # minted: the audit line records it
+            raise
         return pb.CreateTokenResponse(
             token_request=result.token_request,
             warnings=[*decision.warnings, *result.warnings],

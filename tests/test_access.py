@@ -1087,6 +1087,7 @@ async def test_audit_lines_field_by_field(
         "grantedAudiences": [STS],
         "requestedExpirationSeconds": 7200,
         "grantedExpirationSeconds": 3600,
+        "tokenLifetimeSeconds": 3600,
         "boundObjectRef": {"kind": "Pod", "name": POD, "uid": uid},
         "dryRun": False,
         "decision": "allowed",
@@ -1109,6 +1110,7 @@ async def test_audit_lines_field_by_field(
         "grantedAudiences": [],
         "requestedExpirationSeconds": None,
         "grantedExpirationSeconds": None,
+        "tokenLifetimeSeconds": None,
         "boundObjectRef": {"kind": "Pod", "name": POD, "uid": None},
         "dryRun": True,
         "decision": "denied",
@@ -1131,6 +1133,7 @@ async def test_audit_lines_field_by_field(
         "grantedAudiences": [],
         "requestedExpirationSeconds": None,
         "grantedExpirationSeconds": None,
+        "tokenLifetimeSeconds": None,
         "boundObjectRef": None,
         "dryRun": None,
         "decision": "denied",
@@ -1153,7 +1156,11 @@ async def test_audit_fail_closed_withholds_the_token(
     assert out.response is None  # no token reaches the caller
     assert out.status is not None and out.request_id == "fail-closed-1"
     assert out.status.code == grpc.StatusCode.UNAVAILABLE
-    assert out.status.message == "the token broker cannot write its audit log; no token was issued"
+    assert out.status.message == (
+        "the Kubernetes API server minted a token, but the token broker withheld it: its audit "
+        "line could not be written (No space left on device); the token is not cached; retry "
+        "later"
+    )
     assert out.status.error_info is not None
     assert out.status.error_info.reason == "AUDIT_UNAVAILABLE"
     assert out.status.retry_info is not None

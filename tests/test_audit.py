@@ -65,6 +65,7 @@ def record(**overrides: Any) -> AuditRecord:
         "latency_ms": 12.34567,
         "jti": "5d0c1f8e-2b7a-4c1e-9a53-0e4d7c1b2a90",
         "token_sha256": "0123456789abcdef",
+        "token_lifetime_seconds": 3600,
         "time": FIXED_TIME,
     }
     fields.update(overrides)
@@ -109,6 +110,7 @@ def test_record_json_field_by_field() -> None:
         "grantedAudiences": ["vault"],
         "requestedExpirationSeconds": None,
         "grantedExpirationSeconds": 3600,
+        "tokenLifetimeSeconds": 3600,
         "boundObjectRef": {"kind": "Pod", "name": POD, "uid": "u-1"},
         "dryRun": False,
         "decision": "allowed",
@@ -210,6 +212,7 @@ async def test_for_call_with_a_real_token(emulator: Emulator, upstream: Upstream
     assert entry["grantedAudiences"] == ["vault"]
     assert entry["requestedExpirationSeconds"] == 7200
     assert entry["grantedExpirationSeconds"] == result.token_request.spec.expiration_seconds
+    assert entry["tokenLifetimeSeconds"] == claims["exp"] - claims["iat"] == 7200
     assert entry["boundObjectRef"] == {"kind": "Pod", "name": POD, "uid": pod_uid}
     assert entry["dryRun"] is False
     assert entry["decision"] == "allowed"

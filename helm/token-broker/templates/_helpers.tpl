@@ -158,7 +158,7 @@ a change rolls the pods; the policy is a separate file the broker reloads by its
   "kubernetes" $kubernetes
   "log" $v.log
   "policy" (dict "file" (printf "%s/policy.yaml" (include "token-broker.configDir" .)) "reloadIntervalSeconds" $v.policy.reloadIntervalSeconds)
-  "audit" (dict "sink" "stdout" "failClosed" $v.audit.failClosed)
+  "audit" (merge (dict "sink" "stdout") $v.audit)
   "admin" (dict "listen" (printf "%s:%d" $addr (int $v.ports.admin)))
   "metrics" $v.metrics
   "readiness" $v.readiness

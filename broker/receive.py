@@ -1,0 +1,78 @@
+"""Receiving the request message of a unary call: exactly one, in bounded time, parsed where
+the call is observed.
+
+gRPC's own unary path waits for the request message and parses it before any handler code
+runs: a message that never comes holds the call for as long as the client likes, and one that
+does not parse is answered `UNKNOWN` with the parser's internal exception text, uncounted and
+unlogged. So the broker's unary methods are registered *request-streaming* (the wire format of
+a unary call and of a client-streaming call with one message is the same) with raw bytes in:
+the handler starts when the call's headers arrive, reads the one message itself within
+`server.receiveTimeoutSeconds`, and parses it. Every outcome is then an answer like any other:
+`INVALID_ARGUMENT` (reason `REQUEST_MALFORMED`) for bytes that do not parse or a stream of
+zero or several messages, `DEADLINE_EXCEEDED` (reason `REQUEST_RECEIVE_TIMEOUT`) for a message
+that did not arrive in time — counted, access-logged and (CreateToken) audited.
+
+A message larger than the server's receive limit (1 MiB) is refused by gRPC itself with
+`RESOURCE_EXHAUSTED` before the handler sees it: the handler reads no message, and the call
+is cancelled under it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
+
+import grpc
+
+from broker.errors import BrokerError
+
+REASON_REQUEST_MALFORMED = "REQUEST_MALFORMED"
+REASON_REQUEST_RECEIVE_TIMEOUT = "REQUEST_RECEIVE_TIMEOUT"
+
+T = TypeVar("T")
+
+
+def malformed(message: str) -> BrokerError:
+    return BrokerError(
+        code=grpc.StatusCode.INVALID_ARGUMENT,
+        message=message,
+        reason=REASON_REQUEST_MALFORMED,
+    )
+
+
+def receive_timeout_error(seconds: float) -> BrokerError:
+    return BrokerError(
+        code=grpc.StatusCode.DEADLINE_EXCEEDED,
+        message=f"no request message received within {seconds:g}s",
+        reason=REASON_REQUEST_RECEIVE_TIMEOUT,
+        metadata={"timeoutSeconds": f"{seconds:g}"},
+    )
+
+
+async def receive_one(requests: AsyncIterator[T], timeout: float) -> T:  # noqa: ASYNC109
+    """The one message of a unary call's request stream, and its end, within `timeout`
+    seconds. Raises BrokerError: REQUEST_MALFORMED for none or more than one message,
+    REQUEST_RECEIVE_TIMEOUT when the message (or the end of the stream) is late."""
+    try:
+        async with asyncio.timeout(timeout):
+            try:
+                message = await anext(requests)
+            except StopAsyncIteration:
+                raise malformed("no request message: a unary call takes exactly one") from None
+            try:
+                await anext(requests)
+            except StopAsyncIteration:
+                return message
+            raise malformed("more than one request message: a unary call takes exactly one")
+    except TimeoutError:
+        raise receive_timeout_error(timeout) from None
+
+
+def parse(deserializer: Callable[[bytes], T], raw: bytes, what: str) -> T:
+    """`raw` parsed by `deserializer`, or BrokerError REQUEST_MALFORMED naming `what` (the
+    message type), never the parser's own words."""
+    try:
+        return deserializer(raw)
+    except Exception:  # DecodeError, or anything a parser raises on hostile bytes
+        raise malformed(f"the request message is not a valid {what}") from None

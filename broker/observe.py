@@ -16,6 +16,11 @@ reflection alike) and, for each call:
   reason) — never a token. TokenBrokerService calls log at info; health checks and
   reflection (probes every few seconds) at debug.
 
+What gRPC would do before any handler code runs happens inside the observed call instead
+(`CallObserver.wrap`), so that every outcome is counted and logged: request bytes are parsed
+there (REQUEST_MALFORMED, not gRPC's UNKNOWN), and the request message of a unary-request
+method is received there, within a bound (REQUEST_RECEIVE_TIMEOUT): broker.receive.
+
 Calls to methods the server does not have get no handler, so nothing to wrap: gRPC answers
 UNIMPLEMENTED and they are not counted (bounded `grpc_method` values).
 """

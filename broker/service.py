@@ -47,7 +47,12 @@ from broker.metrics import BrokerMetrics
 from broker.observe import annotate_call
 from broker.policy import Decision, Policy
 from broker.ratelimit import RateLimiter
-from broker.receive import REASON_REQUEST_RECEIVE_TIMEOUT, parse, receive_one
+from broker.receive import (
+    REASON_REQUEST_MALFORMED,
+    REASON_REQUEST_RECEIVE_TIMEOUT,
+    parse,
+    receive_one,
+)
 from broker.request_id import REQUEST_ID_METADATA_KEY, request_id_from
 from broker.upstream import UpstreamClient, UpstreamResult
 from broker.upstream_guard import UpstreamGuard
@@ -205,8 +210,7 @@ class TokenBrokerServicer:
             deadline = asyncio.get_running_loop().time() + self._default_deadline
         try:
             async with asyncio.timeout_at(deadline) as bound:
-                raw = await receive_one(requests, self._receive_timeout)
-                malformed = self._parse(raw, call)
+                malformed = await self._receive(requests, call)
                 call.identity = identity = await self._authenticate(context)
                 self._no_longer_pending(call)
                 if malformed is not None:
@@ -224,17 +228,22 @@ class TokenBrokerServicer:
                 metadata={"deadlineSeconds": f"{self._default_deadline:g}"},
             ) from None
 
-    def _parse(self, raw: bytes, call: _Call) -> BrokerError | None:
-        """Parse the request message into `call.request`; the REQUEST_MALFORMED refusal
-        when it does not parse. Parsed before authentication only for the audit and access
-        lines (what was asked): the refusal waits until the caller is authenticated, since
-        an unauthenticated caller learns nothing but UNAUTHENTICATED."""
+    async def _receive(self, requests: AsyncIterator[bytes], call: _Call) -> BrokerError | None:
+        """Receive and parse the request message into `call.request`, before authentication,
+        for the audit and access lines (what was asked). Returns the REQUEST_MALFORMED
+        refusal of a message that does not parse (or of no message, or several): it is
+        answered only to an authenticated caller, since an unauthenticated one learns
+        nothing but UNAUTHENTICATED. A message that does not arrive in time ends the call
+        at once (REQUEST_RECEIVE_TIMEOUT), authenticated or not."""
         try:
+            raw = await receive_one(requests, self._receive_timeout)
             call.request = request = parse(
                 pb.CreateTokenRequest.FromString, raw, CREATE_TOKEN_REQUEST
             )
         except BrokerError as err:
-            return err
+            if err.reason == REASON_REQUEST_MALFORMED:
+                return err
+            raise
         annotate_call(namespace=request.namespace, service_account=request.service_account)
         return None
 

@@ -214,11 +214,16 @@ async def test_a_create_token_body_that_does_not_parse_is_invalid_argument(
     assert emulator.token_request_count == 0
 
 
+@pytest.mark.parametrize(
+    "messages",
+    [[MALFORMED["garbage"]], [MALFORMED["invalid-utf8-in-a-string-field"]], [], [b"", b""]],
+    ids=["garbage", "invalid-utf8", "no-message", "two-messages"],
+)
 async def test_an_unauthenticated_caller_learns_nothing_about_its_bytes(
-    edge: Edge, emulator: Emulator
+    edge: Edge, emulator: Emulator, messages: list[bytes]
 ) -> None:
     async with aio.insecure_channel(edge.address) as channel:
-        status = await failure(channel.unary_unary(CREATE_TOKEN)(MALFORMED["garbage"]))
+        status = await failure(channel.stream_unary(CREATE_TOKEN)(iter(messages)))
     assert_refused(status, grpc.StatusCode.UNAUTHENTICATED, "CREDENTIALS_MISSING")
     await eventually(lambda: edge.handled(CREATE_LABELS, "UNAUTHENTICATED") == 1, "counted")
     [audit] = edge.audit_lines()

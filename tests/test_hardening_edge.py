@@ -24,12 +24,23 @@ from grpc import aio
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from broker.config import AuditSettings, KubernetesSettings, LogSettings
+from broker.config import (
+    AuditSettings,
+    ConfigError,
+    KubernetesSettings,
+    LogSettings,
+    load_settings,
+)
 from broker.emulator import Emulator
 from broker.errors import ERROR_DOMAIN, RichStatus, rich_status_from_call
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.logs import setup_logging
-from broker.server import MAX_RECEIVE_MESSAGE_BYTES, SERVICE_NAME, BrokerServer
+from broker.server import (
+    MAX_RECEIVE_MESSAGE_BYTES,
+    SERVICE_NAME,
+    BrokerServer,
+    channel_options,
+)
 from broker.upstream import UpstreamClient
 
 CREATE_TOKEN = f"/{SERVICE_NAME}/CreateToken"
@@ -498,3 +509,34 @@ async def test_the_caller_s_own_deadline_wins_over_the_default(
     assert pb.CreateTokenResponse.FromString(answer).token_request.status.token
     [audit] = edge.audit_lines()
     assert audit["code"] == "OK"
+
+
+# --- settings ----------------------------------------------------------------------------------
+
+
+def test_the_bounds_are_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = load_settings(None, {}).server
+    assert (
+        defaults.max_concurrent_streams,
+        defaults.receive_timeout_seconds,
+        defaults.default_deadline_seconds,
+        defaults.max_pending_calls,
+    ) == (100, 10.0, 60.0, 2000)
+    assert ("grpc.max_concurrent_streams", 100) in channel_options(load_settings(None, {}))
+    for name, value in (
+        ("MAX_CONCURRENT_STREAMS", "7"),
+        ("RECEIVE_TIMEOUT_SECONDS", "2.5"),
+        ("DEFAULT_DEADLINE_SECONDS", "45"),
+        ("MAX_PENDING_CALLS", "300"),
+    ):
+        monkeypatch.setenv(f"TOKEN_BROKER_SERVER__{name}", value)
+    server = load_settings(None, {}).server
+    assert (
+        server.max_concurrent_streams,
+        server.receive_timeout_seconds,
+        server.default_deadline_seconds,
+        server.max_pending_calls,
+    ) == (7, 2.5, 45.0, 300)
+    monkeypatch.setenv("TOKEN_BROKER_SERVER__MAX_PENDING_CALLS", "0")
+    with pytest.raises(ConfigError, match=r"server\.maxPendingCalls"):
+        load_settings(None, {})

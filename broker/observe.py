@@ -96,12 +96,12 @@ def split_method(full_method: str) -> tuple[str, str]:
     return service or "unknown", method or "unknown"
 
 
-def _grpc_type(handler: Handler) -> str:
-    if handler.request_streaming and handler.response_streaming:
+def _grpc_type(request_streaming: bool, response_streaming: bool) -> str:
+    if request_streaming and response_streaming:
         return "bidi_stream"
-    if handler.request_streaming:
+    if request_streaming:
         return "client_stream"
-    if handler.response_streaming:
+    if response_streaming:
         return "server_stream"
     return "unary"
 
@@ -228,16 +228,6 @@ def _described_method(service: str, method: str) -> MethodDescriptor | None:
         return None
 
 
-def _declared_grpc_type(described: MethodDescriptor) -> str:
-    if described.client_streaming and described.server_streaming:
-        return "bidi_stream"
-    if described.client_streaming:
-        return "client_stream"
-    if described.server_streaming:
-        return "server_stream"
-    return "unary"
-
-
 class CallObserver(aio.ServerInterceptor):
     """The server interceptor: metrics, request id and access log of every call.
 
@@ -281,10 +271,16 @@ class CallObserver(aio.ServerInterceptor):
 
     def wrap(self, handler: Handler, service: str, method: str) -> Handler:
         described = _described_method(service, method)
-        grpc_type = _declared_grpc_type(described) if described else _grpc_type(handler)
+        # The type the .proto declares: CreateToken is registered request-streaming, and
+        # every handler is re-registered request-streaming below, yet they are unary.
+        grpc_type = (
+            _grpc_type(described.client_streaming, described.server_streaming)
+            if described is not None
+            else _grpc_type(handler.request_streaming, handler.response_streaming)
+        )
         metrics = self._metrics.grpc_method(grpc_type, service, method)
         deserializer = handler.request_deserializer
-        what = described.input_type.full_name if described else "request message"
+        what = described.input_type.full_name if described is not None else "request message"
         parse_message: Parser | None = (
             None if deserializer is None else functools.partial(parse, deserializer, what=what)
         )

@@ -29,6 +29,7 @@ from broker.config import (
     ConfigError,
     KubernetesSettings,
     LogSettings,
+    ServerSettings,
     load_settings,
 )
 from broker.emulator import Emulator
@@ -514,14 +515,17 @@ async def test_the_caller_s_own_deadline_wins_over_the_default(
 # --- settings ----------------------------------------------------------------------------------
 
 
+def bounds(server: ServerSettings) -> tuple[int, float, float, int]:
+    return (
+        server.max_concurrent_streams,
+        server.receive_timeout_seconds,
+        server.default_deadline_seconds,
+        server.max_pending_calls,
+    )
+
+
 def test_the_bounds_are_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    defaults = load_settings(None, {}).server
-    assert (
-        defaults.max_concurrent_streams,
-        defaults.receive_timeout_seconds,
-        defaults.default_deadline_seconds,
-        defaults.max_pending_calls,
-    ) == (100, 10.0, 60.0, 2000)
+    assert bounds(load_settings(None, {}).server) == (100, 10.0, 60.0, 2000)
     assert ("grpc.max_concurrent_streams", 100) in channel_options(load_settings(None, {}))
     for name, value in (
         ("MAX_CONCURRENT_STREAMS", "7"),
@@ -530,13 +534,7 @@ def test_the_bounds_are_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         ("MAX_PENDING_CALLS", "300"),
     ):
         monkeypatch.setenv(f"TOKEN_BROKER_SERVER__{name}", value)
-    server = load_settings(None, {}).server
-    assert (
-        server.max_concurrent_streams,
-        server.receive_timeout_seconds,
-        server.default_deadline_seconds,
-        server.max_pending_calls,
-    ) == (7, 2.5, 45.0, 300)
+    assert bounds(load_settings(None, {}).server) == (7, 2.5, 45.0, 300)
     monkeypatch.setenv("TOKEN_BROKER_SERVER__MAX_PENDING_CALLS", "0")
     with pytest.raises(ConfigError, match=r"server\.maxPendingCalls"):
         load_settings(None, {})

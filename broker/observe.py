@@ -234,7 +234,7 @@ class CallObserver(aio.ServerInterceptor):
     It also moves what gRPC does before any handler code runs into the observed handler, so
     that every outcome is counted and logged: handlers are re-registered request-streaming
     with raw bytes in, and the wrapper receives the request message of a unary-request
-    method itself (exactly one, within `receive_timeout_seconds`) and parses messages with
+    method itself (within `receive_timeout_seconds`) and parses messages with
     the method's own deserializer (broker.receive). Bytes that do not parse are answered
     INVALID_ARGUMENT, reason REQUEST_MALFORMED (never gRPC's UNKNOWN with the parser's
     exception text); a message that does not come, DEADLINE_EXCEEDED, reason

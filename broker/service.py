@@ -231,7 +231,7 @@ class TokenBrokerServicer:
     async def _receive(self, requests: AsyncIterator[bytes], call: _Call) -> BrokerError | None:
         """Receive and parse the request message into `call.request`, before authentication,
         for the audit and access lines (what was asked). Returns the REQUEST_MALFORMED
-        refusal of a message that does not parse (or of no message, or several): it is
+        refusal of a message that does not parse (or of a stream without one): it is
         answered only to an authenticated caller, since an unauthenticated one learns
         nothing but UNAUTHENTICATED. A message that does not arrive in time ends the call
         at once (REQUEST_RECEIVE_TIMEOUT), authenticated or not."""

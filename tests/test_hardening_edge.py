@@ -256,19 +256,35 @@ async def test_empty_bytes_are_a_valid_but_invalid_request(edge: Edge, emulator:
     assert emulator.token_request_count == 0
 
 
-@pytest.mark.parametrize("messages", [[], [b"", b""]], ids=["none", "two"])
-async def test_a_unary_call_takes_exactly_one_message(
-    edge: Edge, emulator: Emulator, messages: list[bytes]
+async def test_a_stream_without_a_request_message_is_malformed(
+    edge: Edge, emulator: Emulator
 ) -> None:
     async with aio.insecure_channel(edge.address) as channel:
         create = channel.stream_unary(CREATE_TOKEN)
-        status = await failure(create(iter(messages), metadata=CALLER_METADATA))
+        status = await failure(create(iter([]), metadata=CALLER_METADATA))
     assert_refused(status, grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_MALFORMED")
-    assert "exactly one" in status.message
+    assert "no request message" in status.message
     await eventually(lambda: edge.handled(CREATE_LABELS, "INVALID_ARGUMENT") == 1, "counted")
+    assert edge.sample("grpc_server_msg_received_total", **CREATE_LABELS) == 0
     [audit] = edge.audit_lines()
-    assert audit["reason"] == "REQUEST_MALFORMED"
+    assert (audit["reason"], audit["user"]) == ("REQUEST_MALFORMED", CALLER)
     assert emulator.token_request_count == 0
+
+
+async def test_only_the_first_message_of_a_unary_call_is_read(
+    edge: Edge, emulator: Emulator
+) -> None:
+    # As gRPC's own unary handling: the call is answered from the first message.
+    first = valid_request().SerializeToString()
+    async with aio.insecure_channel(edge.address) as channel:
+        create = channel.stream_unary(CREATE_TOKEN)
+        answer = await bounded(
+            create(iter([first, MALFORMED["garbage"]]), metadata=CALLER_METADATA)
+        )
+    assert pb.CreateTokenResponse.FromString(answer).token_request.status.token
+    await eventually(lambda: edge.handled(CREATE_LABELS, "OK") == 1, "counted")
+    assert edge.sample("grpc_server_msg_received_total", **CREATE_LABELS) == 1
+    assert emulator.token_request_count == 1
 
 
 async def test_a_message_over_the_size_limit_is_refused_by_grpc(

@@ -128,9 +128,9 @@ class EdgeFactory:
     logs: io.StringIO
     started: list[BrokerServer] = field(default_factory=list)
 
-    async def __call__(self, **server: Any) -> Edge:
+    async def __call__(self, cache: dict[str, Any] | None = None, **server: Any) -> Edge:
         audit_file = self.tmp_path / f"audit-{len(self.started)}.jsonl"
-        settings = broker_settings(self.kube, **server).model_copy(
+        settings = broker_settings(self.kube, cache=cache, **server).model_copy(
             update={"audit": AuditSettings(sink="file", file=audit_file)}
         )
         broker = BrokerServer(settings, upstream=self.upstream)
@@ -485,29 +485,35 @@ async def test_one_connection_has_at_most_max_concurrent_streams_calls(
 async def test_a_call_without_a_deadline_gets_the_default_one(
     make_edge: EdgeFactory, emulator: Emulator
 ) -> None:
-    edge = await make_edge(default_deadline_seconds=0.5)
+    # With the token cache: the two calls wait on one upstream call (single flight).
+    edge = await make_edge(default_deadline_seconds=0.5, cache={"enabled": True})
+    body = valid_request().SerializeToString()
     emulator.faults.latency = 600.0  # the API server answers only when released
     try:
         async with aio.insecure_channel(edge.address) as channel:
             create = channel.unary_unary(CREATE_TOKEN)
-            status = await failure(
-                create(valid_request().SerializeToString(), metadata=CALLER_METADATA)
+            statuses = await asyncio.gather(
+                *(failure(create(body, metadata=CALLER_METADATA)) for _ in range(2))
             )
+            emulator.faults.latency = 0.0
+            # The broker serves on; this call may join the released upstream call.
+            answer = await bounded(create(body, metadata=CALLER_METADATA))
+            assert pb.CreateTokenResponse.FromString(answer).token_request.status.token
     finally:
         emulator.faults.latency = 0.0
-    assert_refused(status, grpc.StatusCode.DEADLINE_EXCEEDED, "DEFAULT_DEADLINE_EXCEEDED")
-    assert status.error_info is not None
-    assert status.error_info.metadata["deadlineSeconds"] == "0.5"
-    await eventually(lambda: edge.handled(CREATE_LABELS, "DEADLINE_EXCEEDED") == 1, "counted")
-    [audit] = edge.audit_lines()
-    assert (audit["code"], audit["reason"], audit["user"]) == (
-        "DEADLINE_EXCEEDED",
-        "DEFAULT_DEADLINE_EXCEEDED",
-        CALLER,
-    )
-    assert (audit["namespace"], audit["serviceAccount"]) == (NAMESPACE, SERVICE_ACCOUNT)
-    [access] = edge.access_lines(grpc_code="DEADLINE_EXCEEDED")
-    assert access["reason"] == "DEFAULT_DEADLINE_EXCEEDED"
+    for status in statuses:
+        assert_refused(status, grpc.StatusCode.DEADLINE_EXCEEDED, "DEFAULT_DEADLINE_EXCEEDED")
+        assert status.error_info is not None
+        assert status.error_info.metadata["deadlineSeconds"] == "0.5"
+    await eventually(lambda: edge.handled(CREATE_LABELS, "DEADLINE_EXCEEDED") == 2, "counted")
+    lines = edge.audit_lines()
+    assert [(a["code"], a["reason"], a["user"]) for a in lines[:2]] == [
+        ("DEADLINE_EXCEEDED", "DEFAULT_DEADLINE_EXCEEDED", CALLER)
+    ] * 2
+    assert {(a["namespace"], a["serviceAccount"]) for a in lines} == {(NAMESPACE, SERVICE_ACCOUNT)}
+    assert lines[2]["code"] == "OK"
+    assert len(edge.access_lines(reason="DEFAULT_DEADLINE_EXCEEDED")) == 2
+    assert emulator.token_request_count == 1
 
 
 async def test_the_caller_s_own_deadline_wins_over_the_default(

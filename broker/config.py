@@ -87,6 +87,18 @@ class ServerSettings(_Section):
     # Close connections after this age so clients rebalance across replicas.
     max_connection_age_seconds: float | None = Field(default=300.0, gt=0)
     max_connection_age_grace_seconds: float = Field(default=30.0, ge=0)
+    # HTTP/2 streams (calls) one connection may have open at once (grpc.max_concurrent_streams);
+    # a client queues the calls beyond it.
+    max_concurrent_streams: int = Field(default=100, ge=1, le=2**31 - 1)
+    # How long a call may take to send its request message (and end its side of the stream),
+    # whatever its deadline: a call that sends nothing is ended, not held.
+    receive_timeout_seconds: float = Field(default=10.0, gt=0)
+    # The deadline of a CreateToken call that sets none; kubernetes.requestTimeoutSeconds
+    # bounds the upstream part of such a call within it.
+    default_deadline_seconds: float = Field(default=60.0, gt=0)
+    # CreateToken calls in flight not yet authenticated or still waiting for their request
+    # message, per process; calls beyond it are shed at once (UNAVAILABLE).
+    max_pending_calls: int = Field(default=2000, ge=1)
 
     @field_validator("unix_socket_mode", mode="before")
     @classmethod

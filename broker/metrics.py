@@ -264,6 +264,15 @@ class BrokerMetrics:
             registry=r,
         )
 
+        self.calls_shed = Counter(
+            "token_broker_calls_shed",
+            "Calls the broker ended or refused to protect itself, by ErrorInfo reason: "
+            "TOO_MANY_PENDING_CALLS (shed at once, UNAVAILABLE), REQUEST_RECEIVE_TIMEOUT (no "
+            "request message in time, DEADLINE_EXCEEDED).",
+            ("reason",),
+            registry=r,
+        )
+
         self.build_info = Gauge(
             "token_broker_build_info",
             "Always 1; the labels name the running versions.",
@@ -325,6 +334,10 @@ class BrokerMetrics:
         """A call refused by the `scope` limiter (caller, serviceaccount, global, upstream,
         upstream_retry_after)."""
         self.rate_limit_refusals.labels(scope).inc()
+
+    def call_shed(self, reason: str) -> None:
+        """A call ended or refused to protect the broker (`reason`: its ErrorInfo reason)."""
+        self.calls_shed.labels(reason).inc()
 
     def rate_limit_waited(self, scope: str, seconds: float) -> None:
         """A call waited `seconds` in the `scope` limiter, then went on."""

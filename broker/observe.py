@@ -18,6 +18,11 @@ reflection alike) and, for each call:
   seconds), and calls the servicer marks `quiet_call()` (refusals of a throttled peer that are
   not audited one by one), at debug.
 
+What gRPC would do before any handler code runs happens inside the observed call instead
+(`CallObserver.wrap`), so that every outcome is counted and logged: request bytes are parsed
+there (REQUEST_MALFORMED, not gRPC's UNKNOWN), and the request message of a unary-request
+method is received there, within a bound (REQUEST_RECEIVE_TIMEOUT): broker.receive.
+
 Calls to methods the server does not have get no handler, so nothing to wrap: gRPC answers
 UNIMPLEMENTED and they are not counted (bounded `grpc_method` values).
 """
@@ -27,19 +32,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import MethodDescriptor
 from grpc import aio
 
 from broker.bounded import bounded
+from broker.errors import BrokerError
 from broker.logs import bind_request_id
 from broker.metrics import BrokerMetrics, GrpcMethodMetrics
+from broker.receive import REASON_REQUEST_RECEIVE_TIMEOUT, parse, receive_one
 from broker.request_id import request_id_from
 
 access_logger = logging.getLogger("broker.access")
@@ -96,12 +106,12 @@ def split_method(full_method: str) -> tuple[str, str]:
     return service or "unknown", method or "unknown"
 
 
-def _grpc_type(handler: Handler) -> str:
-    if handler.request_streaming and handler.response_streaming:
+def _grpc_type(request_streaming: bool, response_streaming: bool) -> str:
+    if request_streaming and response_streaming:
         return "bidi_stream"
-    if handler.request_streaming:
+    if request_streaming:
         return "client_stream"
-    if handler.response_streaming:
+    if response_streaming:
         return "server_stream"
     return "unary"
 
@@ -210,21 +220,44 @@ class _CountingContext:
         self._observed_call.sent()
 
 
-async def _counting_iterator(iterator: AsyncIterator[Any], call: _Call) -> AsyncIterator[Any]:
+async def _counting_iterator(
+    iterator: AsyncIterator[Any], call: _Call, parse_message: Parser | None = None
+) -> AsyncIterator[Any]:
     async for message in iterator:
         call.received()
-        yield message
+        yield message if parse_message is None else parse_message(message)
 
 
 if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
+Parser = Callable[[bytes], Any]
+
+
+def _described_method(service: str, method: str) -> MethodDescriptor | None:
+    """The method as its .proto declares it (the generated modules of the broker's, the
+    health and the reflection services register themselves in the default pool)."""
+    try:
+        return descriptor_pool.Default().FindMethodByName(f"{service}.{method}")
+    except KeyError:
+        return None
 
 
 class CallObserver(aio.ServerInterceptor):
-    """The server interceptor: metrics, request id and access log of every call."""
+    """The server interceptor: metrics, request id and access log of every call.
 
-    def __init__(self, metrics: BrokerMetrics) -> None:
+    It also moves what gRPC does before any handler code runs into the observed handler, so
+    that every outcome is counted and logged: handlers are re-registered request-streaming
+    with raw bytes in, and the wrapper receives the request message of a unary-request
+    method itself (within `receive_timeout_seconds`) and parses messages with
+    the method's own deserializer (broker.receive). Bytes that do not parse are answered
+    INVALID_ARGUMENT, reason REQUEST_MALFORMED (never gRPC's UNKNOWN with the parser's
+    exception text); a message that does not come, DEADLINE_EXCEEDED, reason
+    REQUEST_RECEIVE_TIMEOUT. Labels keep the method's type as the .proto declares it.
+    """
+
+    def __init__(self, metrics: BrokerMetrics, *, receive_timeout_seconds: float = 10.0) -> None:
         self._metrics = metrics
+        self._receive_timeout = receive_timeout_seconds
         # Wrapped handlers by method: one per method the server has (bounded).
         self._wrapped: dict[str, Handler] = {}
 
@@ -244,67 +277,107 @@ class CallObserver(aio.ServerInterceptor):
         wrapped = self._wrapped[full_method] = self.wrap(handler, service, method)
         return wrapped
 
+    async def _refuse(self, error: BrokerError, context: Any) -> NoReturn:
+        if error.reason == REASON_REQUEST_RECEIVE_TIMEOUT:
+            self._metrics.call_shed(error.reason)
+        annotate_call(reason=error.reason)
+        await error.abort(context)
+
     def wrap(self, handler: Handler, service: str, method: str) -> Handler:
-        grpc_type = _grpc_type(handler)
+        described = _described_method(service, method)
+        # The type the .proto declares: CreateToken is registered request-streaming, and
+        # every handler is re-registered request-streaming below, yet they are unary.
+        grpc_type = (
+            _grpc_type(described.client_streaming, described.server_streaming)
+            if described is not None
+            else _grpc_type(handler.request_streaming, handler.response_streaming)
+        )
         metrics = self._metrics.grpc_method(grpc_type, service, method)
-        kwargs = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
+        deserializer = handler.request_deserializer
+        what = described.input_type.full_name if described is not None else "request message"
+        parse_message: Parser | None = (
+            None if deserializer is None else functools.partial(parse, deserializer, what=what)
+        )
+        # Raw bytes in: the wrappers below parse (inside the observed call).
+        serializer = handler.response_serializer
+        receive_timeout = self._receive_timeout
+        refuse = self._refuse
 
         def start(context: Any) -> tuple[_Call, CallInfo]:
             call = _Call(metrics, service, method)
             info = CallInfo(request_id_from(context.invocation_metadata()))
             return call, info
 
-        if grpc_type == "unary":
+        async def receive(requests: AsyncIterator[bytes], call: _Call, context: Any) -> Any:
+            """The one request message of a unary-request method, parsed; else refused."""
+            try:
+                raw = await receive_one(_counting_iterator(requests, call), receive_timeout)
+                return raw if parse_message is None else parse_message(raw)
+            except BrokerError as err:
+                await refuse(err, context)
+
+        if not handler.request_streaming and not handler.response_streaming:
             inner: Any = handler.unary_unary
             if not inspect.iscoroutinefunction(inner):
                 return handler  # synchronous handlers: none in this server
 
-            async def unary_unary(request: Any, context: Any) -> Any:
+            async def unary_unary(requests: Any, context: Any) -> Any:
                 call, info = start(context)
-                call.received()
-                return await _answer_once(call, info, context, lambda: inner(request, context))
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, **kwargs)
+                async def respond() -> Any:
+                    return await inner(await receive(requests, call, context), context)
 
-        if grpc_type == "client_stream":
+                return await _answer_once(call, info, context, respond)
+
+            return grpc.stream_unary_rpc_method_handler(unary_unary, response_serializer=serializer)
+
+        if handler.request_streaming and not handler.response_streaming:
             inner_su: Any = handler.stream_unary
             if not inspect.iscoroutinefunction(inner_su):
                 return handler
 
             async def stream_unary(requests: Any, context: Any) -> Any:
                 call, info = start(context)
-                return await _answer_once(
-                    call,
-                    info,
-                    context,
-                    lambda: inner_su(_counting_iterator(requests, call), context),
-                )
 
-            return grpc.stream_unary_rpc_method_handler(stream_unary, **kwargs)
+                async def respond() -> Any:
+                    try:
+                        return await inner_su(
+                            _counting_iterator(requests, call, parse_message), context
+                        )
+                    except BrokerError as err:
+                        await refuse(err, context)
+
+                return await _answer_once(call, info, context, respond)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary, response_serializer=serializer
+            )
 
         streaming_inner: Any = (
-            handler.unary_stream if grpc_type == "server_stream" else handler.stream_stream
+            handler.stream_stream if handler.request_streaming else handler.unary_stream
         )
 
-        def arguments(request: Any, call: _Call) -> Any:
-            if grpc_type == "server_stream":
-                call.received()
-                return request
-            return _counting_iterator(request, call)
+        async def arguments(requests: Any, call: _Call, context: Any) -> Any:
+            if handler.request_streaming:
+                return _counting_iterator(requests, call, parse_message)
+            return await receive(requests, call, context)
 
         if inspect.isasyncgenfunction(streaming_inner):
 
-            async def stream_gen(request: Any, context: Any) -> AsyncIterator[Any]:
+            async def stream_gen(requests: Any, context: Any) -> AsyncIterator[Any]:
                 call, info = start(context)
                 with _bound(info):
                     code = grpc.StatusCode.OK
                     try:
-                        async for response in streaming_inner(arguments(request, call), context):
-                            call.sent()
-                            yield response
+                        try:
+                            responses = streaming_inner(
+                                await arguments(requests, call, context), context
+                            )
+                            async for response in responses:
+                                call.sent()
+                                yield response
+                        except BrokerError as err:
+                            await refuse(err, context)
                     except BaseException as exc:
                         code = _code_after_exception(exc, context)
                         raise
@@ -316,14 +389,18 @@ class CallObserver(aio.ServerInterceptor):
             behavior: Any = stream_gen
         elif inspect.iscoroutinefunction(streaming_inner):
 
-            async def stream_coro(request: Any, context: Any) -> None:
+            async def stream_coro(requests: Any, context: Any) -> None:
                 call, info = start(context)
                 with _bound(info):
                     code = grpc.StatusCode.OK
                     try:
-                        await streaming_inner(
-                            arguments(request, call), _CountingContext(context, call)
-                        )
+                        try:
+                            await streaming_inner(
+                                await arguments(requests, call, context),
+                                _CountingContext(context, call),
+                            )
+                        except BrokerError as err:
+                            await refuse(err, context)
                     except BaseException as exc:
                         code = _code_after_exception(exc, context)
                         raise
@@ -335,9 +412,7 @@ class CallObserver(aio.ServerInterceptor):
             behavior = stream_coro
         else:
             return handler
-        if grpc_type == "server_stream":
-            return grpc.unary_stream_rpc_method_handler(behavior, **kwargs)
-        return grpc.stream_stream_rpc_method_handler(behavior, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(behavior, response_serializer=serializer)
 
 
 @contextlib.contextmanager

@@ -37,13 +37,12 @@ from broker.config import (
 )
 from broker.file_reload import ReloadingFiles, reload_on_sighup
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
-from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 from broker.metrics import BrokerMetrics
 from broker.observe import CallObserver
 from broker.policy_reload import FixedPolicy, PolicyStore, open_policy
 from broker.ratelimit import RateLimiter
 from broker.readiness import Clock, KubernetesProber, Readiness, ReadyState
-from broker.service import TokenBrokerServicer
+from broker.service import TokenBrokerServicer, add_token_broker_service
 from broker.tls import ServerCertificates, ServerTLSMaterial
 from broker.unix_socket import PeerCredentialRelay, PrivateSocketDirectory, remove_stale_socket
 from broker.upstream import UpstreamClient
@@ -65,6 +64,9 @@ def channel_options(settings: Settings, *, reuse_port: bool = False) -> list[tup
         # silently and steal half the connections; a busy port must fail the start instead.
         # Only the worker processes of `serve --workers N` (broker.workers) share it.
         ("grpc.so_reuseport", int(reuse_port)),
+        # One connection cannot open calls without end (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS);
+        # calls in flight across connections are bounded by server.maxPendingCalls.
+        ("grpc.max_concurrent_streams", server.max_concurrent_streams),
     ]
     if server.max_connection_age_seconds is not None:
         # Long-lived HTTP/2 connections pin clients to one replica; age them out.
@@ -205,7 +207,9 @@ class BrokerServer:
             await remove_stale_socket(cfg.unix_socket)
         server = aio.server(
             options=channel_options(self.settings, reuse_port=self._reuse_port),
-            interceptors=[CallObserver(self.metrics)],
+            interceptors=[
+                CallObserver(self.metrics, receive_timeout_seconds=cfg.receive_timeout_seconds)
+            ],
         )
         try:
             # Each part checks its own settings; any failure stops the start (ConfigError).
@@ -247,8 +251,11 @@ class BrokerServer:
                 guard=guard,
                 metrics=self.metrics,
                 throttle=AuthFailureThrottle(self.settings.rate_limit.auth_failures_per_peer),
+                receive_timeout_seconds=cfg.receive_timeout_seconds,
+                default_deadline_seconds=cfg.default_deadline_seconds,
+                max_pending_calls=cfg.max_pending_calls,
             )
-            pb_grpc.add_TokenBrokerServiceServicer_to_server(self._servicer, server)
+            add_token_broker_service(self._servicer, server)
             self.metrics.grpc_method("unary", SERVICE_NAME, "CreateToken")
             self._health = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -370,9 +377,15 @@ class BrokerServer:
         # Same HealthServicer: probes see exactly what gRPC clients see, NOT_SERVING included.
         # Its own observer: wrapped handlers are cached per server (never serve a method
         # of the main server here).
+        cfg = self.settings.server
         health_server = aio.server(
-            options=[("grpc.so_reuseport", int(self._reuse_port))],
-            interceptors=[CallObserver(self.metrics)],
+            options=[
+                ("grpc.so_reuseport", int(self._reuse_port)),
+                ("grpc.max_concurrent_streams", cfg.max_concurrent_streams),
+            ],
+            interceptors=[
+                CallObserver(self.metrics, receive_timeout_seconds=cfg.receive_timeout_seconds)
+            ],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, health_server)
         self._health_server = health_server

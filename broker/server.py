@@ -14,7 +14,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -80,6 +81,42 @@ def channel_options(settings: Settings, *, reuse_port: bool = False) -> list[tup
     return options
 
 
+@dataclass(frozen=True)
+class _RequestPath:
+    """The parts `start()` builds for the request path (broker.service) before listening."""
+
+    authenticator: Authenticator
+    policy: PolicyStore | FixedPolicy
+    upstream: UpstreamClient
+    cache: TokenCache
+    limiter: RateLimiter
+    audit: AuditLog
+
+
+@dataclass(frozen=True)
+class _Listeners:
+    """Where a started server listens."""
+
+    address: str | None = None
+    unix_socket: Path | None = None
+    # The relay checking unix-socket peers, in front of gRPC's socket (when configured).
+    unix_relay: PeerCredentialRelay | None = None
+    health_address: str | None = None
+    admin: AdminServer | None = None
+
+
+@dataclass(frozen=True)
+class _Running:
+    """What a successful `start()` built; `teardown` undoes it, in reverse order."""
+
+    server: aio.Server
+    parts: _RequestPath
+    listeners: _Listeners
+    prober: KubernetesProber
+    reloading: tuple[ReloadingFiles[Any], ...]
+    teardown: contextlib.AsyncExitStack
+
+
 class BrokerServer:
     """The broker's gRPC server. `start()`, then `stop()` (or use `async with`).
 
@@ -87,6 +124,14 @@ class BrokerServer:
     `clock` (monotonic seconds) drives readiness's "unreachable for how long" (tests).
     `reuse_port`: bind the TCP listeners with SO_REUSEPORT, shared with the other workers of
     `serve --workers N` (broker.workers); off otherwise, so a busy port fails the start.
+
+    Startup and teardown are one sequence: `start()` builds each part in order on an
+    `AsyncExitStack`, pushing its cleanup right after it exists, so a failure at any step
+    unwinds exactly what was built, in reverse; `stop()` first stops gRPC gracefully (the
+    calls in flight finish), then closes the same stack. The order of construction is
+    therefore the order guarantees of teardown, reversed: the servicer (its last audit
+    lines) closes before the audit log, the token cache (its background refreshes) before
+    the upstream client, the listeners before the parts that serve them.
     """
 
     def __init__(
@@ -99,169 +144,117 @@ class BrokerServer:
     ) -> None:
         self.settings = settings
         self._reuse_port = reuse_port
-        self._upstream = upstream
-        self._owns_upstream = upstream is None
+        self._given_upstream = upstream
         self.metrics = BrokerMetrics(settings.metrics)
         self.readiness = Readiness(
             unreachable_after_seconds=settings.readiness.unreachable_after_seconds,
             **({"clock": clock} if clock is not None else {}),
         )
+        # The gRPC health statuses of every listener; they follow readiness.
+        self._health: Any = health_aio.HealthServicer()  # (the stubs lack the aio module)
         self.readiness.add_listener(self._readiness_changed)
         self.metrics.watch_readiness(lambda: self.readiness.state().ready)
-        self._prober: KubernetesProber | None = None
-        self._prober_task: asyncio.Task[None] | None = None
-        self._admin: AdminServer | None = None
-        self._server: aio.Server | None = None
-        self._health: Any = None  # health_aio.HealthServicer (the stubs lack the aio module)
-        self._address: str | None = None
-        self._health_server: aio.Server | None = None
-        self._health_address: str | None = None
-        self._unix_socket: Path | None = None
-        # Where gRPC's unix socket is bound, and the relay checking peers in front of it.
-        self._unix_private: PrivateSocketDirectory | None = None
-        self._unix_relay: PeerCredentialRelay | None = None
-        self._stopped = False
-        self._authenticator: Authenticator | None = None
-        self._policy: PolicyStore | FixedPolicy | None = None
-        # The files followed while serving (policy, TLS, API keys, JWKS), and their pollers.
-        self._reloading: list[ReloadingFiles[Any]] = []
-        self._reload_tasks: list[asyncio.Task[None]] = []
-        self._audit: AuditLog | None = None
-        self._cache: TokenCache | None = None
-        self._limiter: RateLimiter | None = None
-        self._servicer: TokenBrokerServicer | None = None
+        self._running: _Running | None = None
+        self._stopping = False
+
+    def _started(self) -> _Running:
+        if self._running is None:
+            raise RuntimeError("server not started")
+        return self._running
+
+    @property
+    def _listeners(self) -> _Listeners:
+        return self._running.listeners if self._running is not None else _Listeners()
 
     @property
     def address(self) -> str:
         """host:port of the TCP listener, with the real port when 0 was asked for."""
-        if self._address is None:
+        address = self._listeners.address
+        if address is None:
             raise RuntimeError("no TCP listener (not started, or server.listen is unset)")
-        return self._address
+        return address
 
     @property
     def health_address(self) -> str | None:
         """host:port of the plaintext health-only listener, if configured."""
-        return self._health_address
+        return self._listeners.health_address
 
     @property
     def unix_socket(self) -> Path | None:
-        return self._unix_socket
+        return self._listeners.unix_socket
 
     @property
     def admin_address(self) -> str | None:
         """host:port of the admin HTTP listener (/metrics, /healthz, /readyz), if enabled."""
-        return self._admin.address if self._admin is not None else None
+        admin = self._listeners.admin
+        return admin.address if admin is not None else None
 
     @property
     def admin_url(self) -> str | None:
-        return self._admin.url if self._admin is not None else None
+        admin = self._listeners.admin
+        return admin.url if admin is not None else None
 
     @property
     def prober(self) -> KubernetesProber:
-        if self._prober is None:
-            raise RuntimeError("server not started")
-        return self._prober
+        return self._started().prober
 
     @property
     def limiter(self) -> RateLimiter:
-        if self._limiter is None:
-            raise RuntimeError("server not started")
-        return self._limiter
+        return self._started().parts.limiter
 
     @property
     def cache(self) -> TokenCache:
-        if self._cache is None:
-            raise RuntimeError("server not started")
-        return self._cache
+        return self._started().parts.cache
 
     @property
     def policy(self) -> PolicyStore | FixedPolicy:
-        if self._policy is None:
-            raise RuntimeError("server not started")
-        return self._policy
+        return self._started().parts.policy
 
     @property
     def reloading_files(self) -> list[ReloadingFiles[Any]]:
         """The files followed while serving: polled, and re-read at once on SIGHUP."""
-        return list(self._reloading)
+        return list(self._running.reloading) if self._running is not None else []
 
     def reopen_audit_log(self) -> None:
         """Reopen the audit file (SIGHUP: after a rotation); the outcome is logged."""
-        if self._audit is not None:
-            self._audit.reopen()
+        if self._running is not None and not self._stopping:
+            self._running.parts.audit.reopen()
 
     @property
     def upstream(self) -> UpstreamClient:
-        if self._upstream is None:
-            raise RuntimeError("server not started")
-        return self._upstream
+        if self._running is None and self._given_upstream is not None:
+            return self._given_upstream
+        return self._started().parts.upstream
 
     async def start(self) -> None:
         """Check the settings, bind the listeners and start serving. Raises ConfigError."""
-        if self._server is not None:
+        if self._running is not None:
             raise RuntimeError("server already started")
         cfg = self.settings.server
         check_transport_security(self.settings)
         certificates = await ServerCertificates(cfg.tls).open() if cfg.tls is not None else None
         if cfg.unix_socket is not None:
             await remove_stale_socket(cfg.unix_socket)
-        server = aio.server(
-            options=channel_options(self.settings, reuse_port=self._reuse_port),
-            interceptors=[
-                CallObserver(self.metrics, receive_timeout_seconds=cfg.receive_timeout_seconds)
-            ],
-        )
-        try:
-            # Each part checks its own settings; any failure stops the start (ConfigError).
-            self._authenticator = Authenticator.from_settings(
-                self.settings.authentication, self.settings.server
+        # On failure (or cancellation) the stack unwinds what was built; on success its
+        # callbacks move to the running server's teardown (pop_all).
+        async with contextlib.AsyncExitStack() as stack:
+            parts = await self._open_parts(stack)
+            servicer = self._servicer(parts)
+            stack.push_async_callback(servicer.close)  # its last audit lines
+            server = aio.server(
+                options=channel_options(self.settings, reuse_port=self._reuse_port),
+                interceptors=[
+                    CallObserver(self.metrics, receive_timeout_seconds=cfg.receive_timeout_seconds)
+                ],
             )
-            await self._authenticator.start()
-            self._policy = await open_policy(self.settings.policy)
-            self._audit = await AuditLog.from_settings(self.settings.audit)
-            if self._upstream is None:
-                self._upstream = await UpstreamClient.from_settings(self.settings.kubernetes)
-            self.metrics.watch_policy(
-                self._policy if isinstance(self._policy, PolicyStore) else None
-            )
-            self.metrics.watch_audit(self._audit)
-            self.readiness.watch_audit(self._audit)
-            self._cache = TokenCache(
-                self.settings.cache,
-                fetch_timeout=self.settings.kubernetes.request_timeout_seconds,
-            )
-            self._cache.start()
-            self._limiter = RateLimiter.from_settings(self.settings.rate_limit)
-            self._limiter.add_observer(self.metrics)
-            self.metrics.watch_rate_limiter(self._limiter)
-            guard = UpstreamGuard.from_settings(self.settings.rate_limit.upstream)
-            guard.add_observer(self.metrics)
-            cache = self._cache
-            self.metrics.watch_cache(lambda: cache.stats)
-            self.readiness.policy_loaded()
-            self._upstream.add_observer(self.metrics)
-            self._upstream.add_observer(self.readiness)
-            self._servicer = TokenBrokerServicer(
-                authenticator=self._authenticator,
-                policy=self._policy,
-                upstream=self._upstream,
-                audit=self._audit,
-                cache=self._cache,
-                limiter=self._limiter,
-                guard=guard,
-                metrics=self.metrics,
-                throttle=AuthFailureThrottle(self.settings.rate_limit.auth_failures_per_peer),
-                receive_timeout_seconds=cfg.receive_timeout_seconds,
-                default_deadline_seconds=cfg.default_deadline_seconds,
-                max_pending_calls=cfg.max_pending_calls,
-            )
-            add_token_broker_service(self._servicer, server)
+            # Ports are bound before the server starts: stopped (or never started) first.
+            stack.push_async_callback(server.stop, None)
+            add_token_broker_service(servicer, server)
             self.metrics.grpc_method("unary", SERVICE_NAME, "CreateToken")
-            self._health = health_aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
             # The first probe sets the health statuses: SERVING once the API server answered.
-            self._prober = KubernetesProber(
-                self._upstream,
+            prober = KubernetesProber(
+                parts.upstream,
                 self.readiness,
                 interval_seconds=self.settings.readiness.probe_interval_seconds,
                 timeout_seconds=min(
@@ -269,102 +262,175 @@ class BrokerServer:
                     self.settings.kubernetes.request_timeout_seconds,
                 ),
             )
-            await self._prober.check()
+            await prober.check()
             reflection.enable_server_reflection(
                 [SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server
             )
-            if cfg.listen is not None:
-                host, _ = split_host_port(cfg.listen)
-                creds = certificates.credentials() if certificates is not None else None
-                port = _bind(server, cfg.listen, creds, "server.listen")
-                self._address = f"{host}:{port}"
-            if cfg.unix_socket is not None:
-                await self._listen_on_unix_socket(server, cfg.unix_socket, cfg.unix_socket_mode)
-            await server.start()
-            if cfg.health_listen is not None:
-                await self._start_health_server(cfg.health_listen)
-            if self.settings.admin.listen is not None:
-                self._admin = AdminServer(
-                    self.settings.admin.listen,
-                    registry=self.metrics.registry,
-                    readiness=self.readiness,
-                )
-                await self._admin.start()
-        except BaseException:
-            await server.stop(None)
-            if self._health_server is not None:
-                await self._health_server.stop(None)
-                self._health_server = None
-            if self._admin is not None:
-                await self._admin.stop()
-                self._admin = None
-            await self._close_unix_socket()
-            await self._close_parts()
-            raise
-        self._server = server
-        self._reloading = [
-            *([self._policy] if isinstance(self._policy, PolicyStore) else []),
-            *([certificates.files] if certificates is not None else []),
-            *self._authenticator.reloading_files(),
-        ]
-        self._reload_tasks = [
-            asyncio.create_task(files.run(), name=f"reload {files.what}")
-            for files in self._reloading
-        ]
-        self.metrics.watch_files(
-            lambda: self._reloading,
-            (lambda: certificates.material.not_after) if certificates is not None else None,
-        )
-        self._prober_task = asyncio.create_task(self._prober.run(), name="readiness-probe")
+            listeners = await self._listen(stack, server, certificates)
+            reloading: tuple[ReloadingFiles[Any], ...] = (
+                *([parts.policy] if isinstance(parts.policy, PolicyStore) else []),
+                *([certificates.files] if certificates is not None else []),
+                *parts.authenticator.reloading_files(),
+            )
+            for files in reloading:
+                _run_until_teardown(stack, files.run(), f"reload {files.what}")
+            self.metrics.watch_files(
+                lambda: reloading,
+                (lambda: certificates.material.not_after) if certificates is not None else None,
+            )
+            _run_until_teardown(stack, prober.run(), "readiness-probe")
+            self._running = _Running(
+                server=server,
+                parts=parts,
+                listeners=listeners,
+                prober=prober,
+                reloading=reloading,
+                teardown=stack.pop_all(),
+            )
         state = self.readiness.state()
         if not state.ready:
             logger.warning("not ready yet: %s", state.reason)
         logger.info(
             "token broker serving",
             extra={
-                "listen": self._address,
-                "health_listen": self._health_address,
+                "listen": listeners.address,
+                "health_listen": listeners.health_address,
                 "admin_listen": self.admin_address,
                 "ready": state.ready,
-                "unix_socket": str(self._unix_socket) if self._unix_socket else None,
+                "unix_socket": str(listeners.unix_socket) if listeners.unix_socket else None,
                 "tls": _tls_mode(certificates.material if certificates is not None else None),
             },
         )
 
-    async def _listen_on_unix_socket(self, server: aio.Server, path: Path, mode: int) -> None:
+    async def _open_parts(self, stack: contextlib.AsyncExitStack) -> _RequestPath:
+        """The request path's parts, each closed by `stack`. Each part checks its own
+        settings; any failure stops the start (ConfigError)."""
+        settings = self.settings
+        authenticator = Authenticator.from_settings(settings.authentication, settings.server)
+        stack.push_async_callback(authenticator.close)
+        await authenticator.start()
+        policy = await open_policy(settings.policy)
+        audit = await AuditLog.from_settings(settings.audit)
+        stack.push_async_callback(audit.close)
+        upstream = self._given_upstream
+        if upstream is None:
+            upstream = await UpstreamClient.from_settings(settings.kubernetes)
+            stack.push_async_callback(upstream.close)
+        self.metrics.watch_policy(policy if isinstance(policy, PolicyStore) else None)
+        self.metrics.watch_audit(audit)
+        self.readiness.watch_audit(audit)
+        cache = TokenCache(
+            settings.cache, fetch_timeout=settings.kubernetes.request_timeout_seconds
+        )
+        # Background refreshes end before the upstream client closes under them.
+        stack.push_async_callback(cache.close)
+        cache.start()
+        limiter = RateLimiter.from_settings(settings.rate_limit)
+        stack.push_async_callback(limiter.close)
+        limiter.add_observer(self.metrics)
+        self.metrics.watch_rate_limiter(limiter)
+        self.metrics.watch_cache(lambda: cache.stats)
+        self.readiness.policy_loaded()
+        for observer in (self.metrics, self.readiness):
+            upstream.add_observer(observer)
+            stack.callback(upstream.remove_observer, observer)
+        return _RequestPath(
+            authenticator=authenticator,
+            policy=policy,
+            upstream=upstream,
+            cache=cache,
+            limiter=limiter,
+            audit=audit,
+        )
+
+    def _servicer(self, parts: _RequestPath) -> TokenBrokerServicer:
+        cfg = self.settings.server
+        rate_limit = self.settings.rate_limit
+        guard = UpstreamGuard.from_settings(rate_limit.upstream)
+        guard.add_observer(self.metrics)
+        return TokenBrokerServicer(
+            authenticator=parts.authenticator,
+            policy=parts.policy,
+            upstream=parts.upstream,
+            audit=parts.audit,
+            cache=parts.cache,
+            limiter=parts.limiter,
+            guard=guard,
+            metrics=self.metrics,
+            throttle=AuthFailureThrottle(rate_limit.auth_failures_per_peer),
+            receive_timeout_seconds=cfg.receive_timeout_seconds,
+            default_deadline_seconds=cfg.default_deadline_seconds,
+            max_pending_calls=cfg.max_pending_calls,
+        )
+
+    async def _listen(
+        self,
+        stack: contextlib.AsyncExitStack,
+        server: aio.Server,
+        certificates: ServerCertificates | None,
+    ) -> _Listeners:
+        """Bind the gRPC listeners and start serving, then the health and admin listeners;
+        each is closed by `stack`."""
+        cfg = self.settings.server
+        address = None
+        if cfg.listen is not None:
+            host, _ = split_host_port(cfg.listen)
+            creds = certificates.credentials() if certificates is not None else None
+            port = _bind(server, cfg.listen, creds, "server.listen")
+            address = f"{host}:{port}"
+        relay = None
+        if cfg.unix_socket is not None:
+            relay = await self._listen_on_unix_socket(
+                stack, server, cfg.unix_socket, cfg.unix_socket_mode
+            )
+        await server.start()
+        health_address = None
+        if cfg.health_listen is not None:
+            health_address = await self._start_health_server(stack, cfg.health_listen)
+        admin = None
+        if self.settings.admin.listen is not None:
+            admin = AdminServer(
+                self.settings.admin.listen,
+                registry=self.metrics.registry,
+                readiness=self.readiness,
+            )
+            await admin.start()
+            stack.push_async_callback(admin.stop)
+        return _Listeners(
+            address=address,
+            unix_socket=cfg.unix_socket,
+            unix_relay=relay,
+            health_address=health_address,
+            admin=admin,
+        )
+
+    async def _listen_on_unix_socket(
+        self, stack: contextlib.AsyncExitStack, server: aio.Server, path: Path, mode: int
+    ) -> PeerCredentialRelay | None:
         """Plaintext: who may connect is decided by the file mode (and, when configured, by
-        the peer's uid/gid). Never reachable with a looser mode: see broker.unix_socket."""
-        self._unix_private = private = await PrivateSocketDirectory.create(path)
+        the peer's uid/gid). Never reachable with a looser mode: see broker.unix_socket.
+        Closed after gRPC's server stopped: the relay, the published socket, the private
+        directory."""
+        private = await PrivateSocketDirectory.create(path)
+        stack.push_async_callback(private.remove)
         _bind(server, f"unix:{private.path('grpc')}", None, "server.unixSocket")
         peers = self.settings.authentication.unix_socket
+        relay = None
         if peers.checks_peers:
             relay = PeerCredentialRelay(
                 private.path("grpc"), uids=peers.allowed_uids, gids=peers.allowed_gids
             )
-            self._unix_relay = relay
             await relay.start(private, "relay", mode)
         else:
             await private.publish("grpc", mode)
             await private.remove()
-            self._unix_private = None
-        self._unix_socket = path
-
-    async def _close_unix_socket(self) -> None:
-        """After gRPC's server stopped: the relay, the published socket, the private directory."""
-        if self._unix_relay is not None:
-            await self._unix_relay.close()
-            self._unix_relay = None
-        if self._unix_socket is not None:
-            await asyncio.to_thread(self._unix_socket.unlink, missing_ok=True)
-            self._unix_socket = None
-        if self._unix_private is not None:
-            await self._unix_private.remove()
-            self._unix_private = None
+        stack.push_async_callback(asyncio.to_thread, path.unlink, missing_ok=True)
+        if relay is not None:
+            stack.push_async_callback(relay.close)
+        return relay
 
     async def _readiness_changed(self, state: ReadyState) -> None:
         """The gRPC health statuses follow readiness (both "" and the service)."""
-        if self._health is None:
-            return
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if state.ready
@@ -373,7 +439,8 @@ class BrokerServer:
         for name in ("", SERVICE_NAME):
             await self._health.set(name, status)
 
-    async def _start_health_server(self, listen: str) -> None:
+    async def _start_health_server(self, stack: contextlib.AsyncExitStack, listen: str) -> str:
+        """The plaintext health-only listener; its host:port."""
         # Same HealthServicer: probes see exactly what gRPC clients see, NOT_SERVING included.
         # Its own observer: wrapped handlers are cached per server (never serve a method
         # of the main server here).
@@ -388,82 +455,43 @@ class BrokerServer:
             ],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, health_server)
-        self._health_server = health_server
+        # Stopped once the main server is done (`stop()` stops that one first), so probes
+        # see NOT_SERVING all along.
+        stack.push_async_callback(health_server.stop, None)
         port = _bind(health_server, listen, None, "server.healthListen")
-        self._health_address = f"{split_host_port(listen)[0]}:{port}"
         await health_server.start()
+        return f"{split_host_port(listen)[0]}:{port}"
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop: health NOT_SERVING, refuse new calls, let in-flight ones finish
-        within `grace` seconds (None: cancel them now), then close the upstream."""
-        if self._server is None or self._stopped:
+        within `grace` seconds (None: cancel them now), then close what `start()` built, in
+        reverse order (the upstream last)."""
+        running = self._running
+        if running is None or self._stopping:
             return
-        self._stopped = True
+        self._stopping = True
         logger.info("shutting down", extra={"grace_seconds": grace})
         await self.leave_rotation()
-        if self._unix_relay is not None:
-            await self._unix_relay.stop_accepting()
-        await self._server.stop(grace)
-        if self._health_server is not None:
-            # Up until the main server is done, so probes saw NOT_SERVING all along.
-            await self._health_server.stop(None)
-        if self._admin is not None:
-            await self._admin.stop()
-        await self._close_parts()
-        await self._close_unix_socket()
+        if running.listeners.unix_relay is not None:
+            await running.listeners.unix_relay.stop_accepting()
+        await running.server.stop(grace)
+        # After the last call has finished: every call's audit line is written.
+        await running.teardown.aclose()
         logger.info("stopped")
 
     async def leave_rotation(self) -> None:
         """Not ready from now on: probes and load balancers see NOT_SERVING (and /readyz
         503), while calls are still served. The first step of a stop."""
         self.readiness.shutting_down()
-        if self._health is not None:
-            await self._health.enter_graceful_shutdown()
-
-    async def _close_parts(self) -> None:
-        # After the last call has finished: every call's audit line is written.
-        if self._prober_task is not None:
-            self._prober_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._prober_task
-            self._prober_task = None
-        if self._upstream is not None:
-            self._upstream.remove_observer(self.metrics)
-            self._upstream.remove_observer(self.readiness)
-        for task in self._reload_tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._reload_tasks = []
-        if self._cache is not None:
-            # Background refreshes end before the upstream client closes under them.
-            await self._cache.close()
-            self._cache = None
-        if self._limiter is not None:
-            await self._limiter.close()
-            self._limiter = None
-        if self._servicer is not None:
-            await self._servicer.close()  # its last audit lines
-            self._servicer = None
-        if self._audit is not None:
-            await self._audit.close()
-            self._audit = None
-        if self._authenticator is not None:
-            await self._authenticator.close()
-            self._authenticator = None
-        if self._owns_upstream and self._upstream is not None:
-            await self._upstream.close()
-            self._upstream = None
+        await self._health.enter_graceful_shutdown()
 
     async def stop_now(self) -> None:
         """Cancel in-flight calls of a stop in progress (a second SIGTERM/SIGINT)."""
-        if self._server is not None:
-            await self._server.stop(None)
+        if self._running is not None:
+            await self._running.server.stop(None)
 
     async def wait_for_termination(self) -> None:
-        if self._server is None:
-            raise RuntimeError("server not started")
-        await self._server.wait_for_termination()
+        await self._started().server.wait_for_termination()
 
     async def __aenter__(self) -> BrokerServer:
         await self.start()
@@ -476,6 +504,20 @@ class BrokerServer:
         tb: TracebackType | None,
     ) -> None:
         await self.stop(self.settings.server.shutdown_grace_seconds)
+
+
+def _run_until_teardown(
+    stack: contextlib.AsyncExitStack, work: Coroutine[Any, Any, None], name: str
+) -> None:
+    """Run `work` as a background task, cancelled (and awaited) when `stack` closes."""
+    task = asyncio.create_task(work, name=name)
+
+    async def cancel() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(cancel)
 
 
 def _tls_mode(tls: ServerTLSMaterial | None) -> str:

@@ -12,11 +12,9 @@ bounded by `server.receiveTimeoutSeconds` (broker.receive).
 
 from __future__ import annotations
 
-import grpc
-
 from broker.errors import BrokerError
+from broker.reasons import Reason
 
-REASON_TOO_MANY_PENDING_CALLS = "TOO_MANY_PENDING_CALLS"
 # RetryInfo of a shed call: pending calls end within the receive timeout at the latest, most
 # of them within milliseconds.
 SHED_RETRY_AFTER_SECONDS = 1.0
@@ -41,10 +39,9 @@ class PendingCalls:
         self.count -= 1
 
     def shed_error(self) -> BrokerError:
-        return BrokerError(
-            code=grpc.StatusCode.UNAVAILABLE,
-            message="the token broker is overloaded (too many calls waiting for "
+        return BrokerError.of(
+            Reason.TOO_MANY_PENDING_CALLS,
+            "the token broker is overloaded (too many calls waiting for "
             "authentication or their request); retry later",
-            reason=REASON_TOO_MANY_PENDING_CALLS,
             retry_after=SHED_RETRY_AFTER_SECONDS,
         )

@@ -66,6 +66,7 @@ from broker.errors import KUBERNETES_DOMAIN, BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.identity import AuthMethod, CertificateField, Identity
 from broker.issued_token import read_token
+from broker.reasons import ALLOWED, CANCELLED, Reason
 
 if TYPE_CHECKING:
     from broker.upstream import UpstreamResult
@@ -77,10 +78,6 @@ AUDIT_API_VERSION = "audit.tokenbroker.dev/v1"
 # Written once the answer is known, as Kubernetes names that stage.
 AUDIT_STAGE = "ResponseComplete"
 
-REASON_ALLOWED = "ALLOWED"
-REASON_AUDIT_UNAVAILABLE = "AUDIT_UNAVAILABLE"
-REASON_CANCELLED = "CANCELLED"
-REASON_INTERNAL = "INTERNAL"
 
 # The API server answers a TokenRequest create with 201 Created.
 HTTP_CREATED = 201
@@ -344,17 +341,17 @@ def rfc3339_micro(when: datetime) -> str:
 def _outcome(error: BaseException | None) -> tuple[Decision, str, str, int | None]:
     """(decision, reason, code name, relayed HTTP status) of what the caller is answered."""
     if error is None:
-        return "allowed", REASON_ALLOWED, grpc.StatusCode.OK.name, None
+        return "allowed", ALLOWED, grpc.StatusCode.OK.name, None
     if isinstance(error, BrokerError):
         raw_status = error.metadata.get("kubernetesCode", "")
         status = int(raw_status) if raw_status.isdigit() else None
         denied = error.code in _DENIAL_CODES and error.domain != KUBERNETES_DOMAIN
         return ("denied" if denied else "error"), error.reason, error.code.name, status
     if isinstance(error, AuditWriteError):
-        return "error", REASON_AUDIT_UNAVAILABLE, grpc.StatusCode.UNAVAILABLE.name, None
+        return "error", Reason.AUDIT_UNAVAILABLE, Reason.AUDIT_UNAVAILABLE.code.name, None
     if isinstance(error, asyncio.CancelledError):
-        return "error", REASON_CANCELLED, grpc.StatusCode.CANCELLED.name, None
-    return "error", REASON_INTERNAL, grpc.StatusCode.INTERNAL.name, None
+        return "error", CANCELLED, grpc.StatusCode.CANCELLED.name, None
+    return "error", Reason.INTERNAL, Reason.INTERNAL.code.name, None
 
 
 class AuditWriteError(Exception):
@@ -376,13 +373,10 @@ class AuditWriteError(Exception):
             if cache_hit
             else "the Kubernetes API server minted a token, but the token broker withheld it"
         )
-        return BrokerError(
-            code=grpc.StatusCode.UNAVAILABLE,
-            message=(
-                f"{token}: its audit line could not be written ({self.cause}); the token is not "
-                "cached; retry later"
-            ),
-            reason=REASON_AUDIT_UNAVAILABLE,
+        return BrokerError.of(
+            Reason.AUDIT_UNAVAILABLE,
+            f"{token}: its audit line could not be written ({self.cause}); the token is not "
+            "cached; retry later",
             retry_after=AUDIT_RETRY_AFTER_SECONDS,
         )
 

@@ -43,7 +43,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
-import grpc
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from grpc import aio
@@ -60,10 +59,9 @@ from broker.config import AuthenticationSettings, ConfigError, ServerSettings
 from broker.errors import BrokerError
 from broker.file_reload import ReloadingFiles
 from broker.identity import AuthMethod, CertificateNames, Identity
+from broker.reasons import Reason
 
 __all__ = [
-    "REASON_CREDENTIALS_INVALID",
-    "REASON_CREDENTIALS_MISSING",
     "AuthenticationFailed",
     "Authenticator",
     "generate_api_key",
@@ -72,8 +70,6 @@ __all__ = [
 
 logger = logging.getLogger("broker.authn")
 
-REASON_CREDENTIALS_MISSING: Final = "CREDENTIALS_MISSING"
-REASON_CREDENTIALS_INVALID: Final = "CREDENTIALS_INVALID"
 MESSAGE_MISSING: Final = "the request carries no credentials"
 MESSAGE_INVALID: Final = "the credentials could not be verified"
 # Far above any real JWT or key; gRPC's default metadata limit is 8 KiB anyway.
@@ -241,11 +237,8 @@ class Authenticator:
                     "peer": _peer(context),
                 },
             )
-            raise AuthenticationFailed(
-                code=grpc.StatusCode.UNAUTHENTICATED,
-                message=MESSAGE_MISSING,
-                reason=REASON_CREDENTIALS_MISSING,
-                method="none",
+            raise AuthenticationFailed.of(
+                Reason.CREDENTIALS_MISSING, MESSAGE_MISSING, method="none"
             )
         logger.debug("authenticated %s", identity, extra={"auth_method": identity.method})
         return identity
@@ -263,11 +256,8 @@ class Authenticator:
                 **refused.fields,
             },
         )
-        return AuthenticationFailed(
-            code=grpc.StatusCode.UNAUTHENTICATED,
-            message=MESSAGE_INVALID,
-            reason=REASON_CREDENTIALS_INVALID,
-            method=refused.method,
+        return AuthenticationFailed.of(
+            Reason.CREDENTIALS_INVALID, MESSAGE_INVALID, method=refused.method
         )
 
     async def _identify(self, context: Context) -> Identity | None:

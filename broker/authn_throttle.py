@@ -33,14 +33,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-import grpc
-
 from broker.config import RateSettings
 from broker.errors import BrokerError
 from broker.ratelimit import SWEEP_STEPS, Limit, MemoryBuckets
 from broker.ratelimit import _seconds as seconds_text
+from broker.reasons import Reason
 
-REASON_PEER_THROTTLED: Final = "PEER_THROTTLED"
 # token_broker_rate_limit_refusals_total{scope} of these refusals.
 SCOPE_PEER: Final = "peer"
 # At most one audit line per throttled peer this often (plus the first and the summary).
@@ -89,11 +87,10 @@ class PeerRefusal:
 
 def peer_throttled(retry_after: float) -> BrokerError:
     """The answer to a throttled peer: RESOURCE_EXHAUSTED, PEER_THROTTLED, RetryInfo."""
-    return BrokerError(
-        code=grpc.StatusCode.RESOURCE_EXHAUSTED,
-        message="too many failed authentication attempts from this address; retry in "
+    return BrokerError.of(
+        Reason.PEER_THROTTLED,
+        "too many failed authentication attempts from this address; retry in "
         + seconds_text(retry_after),
-        reason=REASON_PEER_THROTTLED,
         metadata={"scope": SCOPE_PEER},
         retry_after=retry_after,
     )

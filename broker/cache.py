@@ -71,7 +71,8 @@ from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.identity import AuthMethod, Identity
 from broker.issued_token import read_token
 from broker.policy import Decision
-from broker.upstream import REASON_TIMEOUT, UpstreamResult
+from broker.reasons import Reason
+from broker.upstream import UpstreamResult
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,6 @@ DEFAULT_FETCH_TIMEOUT_SECONDS = 30.0
 # The hard cap on a shared call is its timeout plus this (the upstream's own timeout first).
 FETCH_GRACE_SECONDS = 1.0
 
-REASON_CACHE_CLOSED = "TOKEN_CACHE_CLOSED"
 
 # The API server could not answer: a still-valid cached token may stand in.
 _TRANSIENT_CODES = frozenset(
@@ -683,18 +683,16 @@ def _copy(result: UpstreamResult) -> UpstreamResult:
 
 def _deadline_error(seconds: float) -> BrokerError:
     # As broker.upstream's: a cached call times out like an uncached one.
-    return BrokerError(
-        code=grpc.StatusCode.DEADLINE_EXCEEDED,
-        message="the deadline expired before the Kubernetes API server answered",
-        reason=REASON_TIMEOUT,
+    return BrokerError.of(
+        Reason.UPSTREAM_TIMEOUT,
+        "the deadline expired before the Kubernetes API server answered",
         metadata={"timeoutSeconds": f"{seconds:.3f}"},
     )
 
 
 def _closed_error() -> BrokerError:
-    return BrokerError(
-        code=grpc.StatusCode.UNAVAILABLE,
-        message="the token broker is shutting down",
-        reason=REASON_CACHE_CLOSED,
+    return BrokerError.of(
+        Reason.TOKEN_CACHE_CLOSED,
+        "the token broker is shutting down",
         retry_after=1.0,
     )

@@ -4,6 +4,9 @@ Every refusal the broker makes is a `BrokerError`: a gRPC code, a message that i
 the caller, and `google.rpc` details (ErrorInfo always; BadRequest, RetryInfo, QuotaFailure
 where they apply) sent in the `grpc-status-details-bin` trailer. When a retry delay is known
 it is also sent as the `grpc-retry-pushback-ms` trailer, which gRPC retry policies honour.
+
+The reasons, with their codes and meanings, are catalogued in `broker.reasons`; a refusal is
+built from its entry: `BrokerError.of(Reason.RATE_LIMITED, message, metadata=...)`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn, cast
+from typing import Any, NoReturn, Self, cast
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -19,10 +22,18 @@ from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc import aio
 
-# ErrorInfo.domain of every error the broker itself produces.
-ERROR_DOMAIN = "tokenbroker.dev"
-# ErrorInfo.domain of errors relayed from the Kubernetes API server.
-KUBERNETES_DOMAIN = "k8s.io"
+from broker.reasons import ERROR_DOMAIN, KUBERNETES_DOMAIN, Reason
+
+__all__ = [
+    "ERROR_DOMAIN",
+    "KUBERNETES_DOMAIN",
+    "RETRY_PUSHBACK_TRAILER",
+    "BrokerError",
+    "FieldViolation",
+    "RichStatus",
+    "retry_delay_ms",
+    "rich_status_from_call",
+]
 
 RETRY_PUSHBACK_TRAILER = "grpc-retry-pushback-ms"
 
@@ -53,6 +64,14 @@ class BrokerError(Exception):
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
+
+    @classmethod
+    def of(cls, reason: Reason, message: str, **fields: Any) -> Self:
+        """The refusal `reason` (code and domain from the catalogue, broker.reasons) with
+        `message` and further fields (metadata, retry_after, ...; a subclass's own)."""
+        return cls(
+            code=reason.code, message=message, reason=reason.value, domain=reason.domain, **fields
+        )
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message} ({self.reason})"

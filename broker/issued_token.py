@@ -25,15 +25,14 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import grpc
 from jwt.utils import base64url_decode
 
 from broker.errors import BrokerError
+from broker.reasons import Reason
 
 if TYPE_CHECKING:
     from broker.upstream import UpstreamResult
 
-REASON_TOKEN_LIFETIME_EXCEEDS_POLICY = "TOKEN_LIFETIME_EXCEEDS_POLICY"
 FINGERPRINT_HEX_CHARS = 16
 _MEMO_ENTRIES = 4096
 
@@ -146,13 +145,10 @@ def check_lifetime(result: UpstreamResult, *, maximum: int, rule: str | None) ->
         metadata["rule"] = rule
     if longest is not None:
         metadata["tokenLifetimeSeconds"] = str(longest)
-    raise IssuedTokenRefused(
-        code=grpc.StatusCode.FAILED_PRECONDITION,
-        message=(
-            f"the Kubernetes API server minted {what}; the token broker withheld it: it was "
-            "not handed out and not cached"
-        ),
-        reason=REASON_TOKEN_LIFETIME_EXCEEDS_POLICY,
+    raise IssuedTokenRefused.of(
+        Reason.TOKEN_LIFETIME_EXCEEDS_POLICY,
+        f"the Kubernetes API server minted {what}; the token broker withheld it: it was "
+        "not handed out and not cached",
         metadata=metadata,
         result=result,
     )

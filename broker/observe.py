@@ -49,7 +49,8 @@ from broker.bounded import bounded
 from broker.errors import BrokerError
 from broker.logs import bind_request_id
 from broker.metrics import BrokerMetrics, GrpcMethodMetrics
-from broker.receive import REASON_REQUEST_RECEIVE_TIMEOUT, parse, receive_one
+from broker.reasons import Reason
+from broker.receive import parse, receive_one
 from broker.request_id import request_id_from
 
 access_logger = logging.getLogger("broker.access")
@@ -278,7 +279,7 @@ class CallObserver(aio.ServerInterceptor):
         return wrapped
 
     async def _refuse(self, error: BrokerError, context: Any) -> NoReturn:
-        if error.reason == REASON_REQUEST_RECEIVE_TIMEOUT:
+        if error.reason == Reason.REQUEST_RECEIVE_TIMEOUT:
             self._metrics.call_shed(error.reason)
         annotate_call(reason=error.reason)
         await error.abort(context)

@@ -72,7 +72,6 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-import grpc
 import yaml
 
 from broker.errors import BrokerError
@@ -89,28 +88,22 @@ from broker.policy_schema import (
     Subject,
     parse_document,
 )
+from broker.reasons import ALLOWED, Reason
 from broker.spiffe import looks_like_spiffe, spiffe_id_problem
 from broker.validation import go_quote
 
 # The permissive policy of `serve --dev`. Never for production.
 DEV_POLICY_FILE = Path(__file__).parent / "dev-policy.yaml"
 
-ALLOWED = "ALLOWED"
-NO_MATCHING_RULE = "NO_MATCHING_RULE"
-DRY_RUN_NOT_ALLOWED = "DRY_RUN_NOT_ALLOWED"
-BOUND_OBJECT_REQUIRED = "BOUND_OBJECT_REQUIRED"
-BOUND_KIND_NOT_ALLOWED = "BOUND_KIND_NOT_ALLOWED"
-AUDIENCE_REQUIRED = "AUDIENCE_REQUIRED"
-AUDIENCE_NOT_ALLOWED = "AUDIENCE_NOT_ALLOWED"
-EXPIRATION_TOO_LONG = "EXPIRATION_TOO_LONG"
+# The reasons of a denial (broker.reasons), in the order the deciding rule's checks run.
 DENY_REASONS = (
-    NO_MATCHING_RULE,
-    DRY_RUN_NOT_ALLOWED,
-    BOUND_OBJECT_REQUIRED,
-    BOUND_KIND_NOT_ALLOWED,
-    AUDIENCE_REQUIRED,
-    AUDIENCE_NOT_ALLOWED,
-    EXPIRATION_TOO_LONG,
+    Reason.NO_MATCHING_RULE,
+    Reason.DRY_RUN_NOT_ALLOWED,
+    Reason.BOUND_OBJECT_REQUIRED,
+    Reason.BOUND_KIND_NOT_ALLOWED,
+    Reason.AUDIENCE_REQUIRED,
+    Reason.AUDIENCE_NOT_ALLOWED,
+    Reason.EXPIRATION_TOO_LONG,
 )
 
 __all__ = ["DEV_POLICY_FILE", "Decision", "Explanation", "Policy", "PolicyError", "RuleExplanation"]
@@ -121,6 +114,7 @@ class Decision:
     """The outcome for one request; when allowed, the effective grant."""
 
     allowed: bool
+    # ALLOWED, or the denial's reason (one of DENY_REASONS).
     reason: str
     # Safe to show the caller.
     message: str
@@ -157,10 +151,9 @@ class Decision:
         """PERMISSION_DENIED with ErrorInfo.reason = the reason (and `rule` if one matched)."""
         if self.allowed:
             raise ValueError("the request was allowed")
-        return BrokerError(
-            code=grpc.StatusCode.PERMISSION_DENIED,
-            message=self.message,
-            reason=self.reason,
+        return BrokerError.of(
+            Reason(self.reason),
+            self.message,
             metadata={"rule": self.rule} if self.rule is not None else {},
         )
 
@@ -228,7 +221,7 @@ class Policy:
                 return _decide_with(rule, request)
         return Decision(
             allowed=False,
-            reason=NO_MATCHING_RULE,
+            reason=Reason.NO_MATCHING_RULE,
             message=(
                 f"no policy rule allows {go_quote(str(identity))} to request tokens for "
                 f"service account {go_quote(request.service_account)} in namespace "
@@ -406,13 +399,13 @@ def _mismatches(rule: Rule, identity: Identity, request: pb.CreateTokenRequest) 
 
 
 def _decide_with(rule: Rule, request: pb.CreateTokenRequest) -> Decision:
-    def deny(reason: str, message: str) -> Decision:
+    def deny(reason: Reason, message: str) -> Decision:
         return Decision(allowed=False, reason=reason, message=message, rule=rule.name)
 
     spec = request.token_request.spec
     if request.dry_run and not rule.allow_dry_run:
         return deny(
-            DRY_RUN_NOT_ALLOWED, "dry-run requests are not allowed for this service account"
+            Reason.DRY_RUN_NOT_ALLOWED, "dry-run requests are not allowed for this service account"
         )
 
     bound = rule.bound_object
@@ -420,13 +413,13 @@ def _decide_with(rule: Rule, request: pb.CreateTokenRequest) -> Decision:
     if not spec.HasField("bound_object_ref"):
         if bound.required:
             return deny(
-                BOUND_OBJECT_REQUIRED,
+                Reason.BOUND_OBJECT_REQUIRED,
                 "tokens for this service account must be bound to an object "
                 f"(token_request.spec.bound_object_ref, kind {kinds})",
             )
     elif spec.bound_object_ref.kind not in bound.kinds:
         return deny(
-            BOUND_KIND_NOT_ALLOWED,
+            Reason.BOUND_KIND_NOT_ALLOWED,
             f"tokens for this service account may not be bound to a "
             f"{go_quote(spec.bound_object_ref.kind)} (allowed kinds: {kinds})",
         )
@@ -434,7 +427,7 @@ def _decide_with(rule: Rule, request: pb.CreateTokenRequest) -> Decision:
     audiences = tuple(spec.audiences) or rule.default_audiences
     if not audiences and not rule.allow_api_server_audience:
         return deny(
-            AUDIENCE_REQUIRED,
+            Reason.AUDIENCE_REQUIRED,
             "an audience is required: tokens for this service account are not issued for the "
             "API server's own audience; set token_request.spec.audiences",
         )
@@ -442,7 +435,7 @@ def _decide_with(rule: Rule, request: pb.CreateTokenRequest) -> Decision:
     if denied:
         more = f" (and {len(denied) - 1} more)" if len(denied) > 1 else ""
         return deny(
-            AUDIENCE_NOT_ALLOWED,
+            Reason.AUDIENCE_NOT_ALLOWED,
             f"audience {go_quote(denied[0])} is not allowed for this service account{more}",
         )
 
@@ -454,7 +447,7 @@ def _decide_with(rule: Rule, request: pb.CreateTokenRequest) -> Decision:
         if rule.on_longer_expiration == "reject":
             what = "requested expiration" if requested is not None else "default expiration"
             return deny(
-                EXPIRATION_TOO_LONG,
+                Reason.EXPIRATION_TOO_LONG,
                 f"{what} of {effective} seconds is longer than the maximum of "
                 f"{rule.max_expiration} seconds for this service account",
             )

@@ -69,7 +69,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import grpc
 import redis.asyncio as aioredis
 from google.rpc import error_details_pb2
 from redis.asyncio.retry import Retry
@@ -82,15 +81,12 @@ from broker.config import split_host_port as _split_host_port
 from broker.errors import BrokerError
 from broker.identity import Identity
 from broker.policy_schema import RuleRateLimit
+from broker.reasons import Reason
 
 logger = logging.getLogger(__name__)
 
 Scope = Literal["caller", "serviceaccount", "global"]
 SCOPES: tuple[Scope, ...] = ("caller", "serviceaccount", "global")
-
-REASON_RATE_LIMITED = "RATE_LIMITED"
-# Redis is unavailable and `onRedisUnavailable: refuse`.
-REASON_RATE_LIMIT_UNAVAILABLE = "RATE_LIMIT_UNAVAILABLE"
 
 # Buckets the memory backend's sweep looks at per check (each check adds at most 3).
 SWEEP_STEPS = 4
@@ -565,11 +561,10 @@ class RateLimiter:
         if self._settings.on_redis_unavailable == "refuse":
             self.stats.unavailable_refusals += 1
             retry_after = max(self._next_probe - self._clock(), 0.1)
-            raise BrokerError(
-                code=grpc.StatusCode.UNAVAILABLE,
-                message="the token broker cannot check its rate limits right now; "
+            raise BrokerError.of(
+                Reason.RATE_LIMIT_UNAVAILABLE,
+                "the token broker cannot check its rate limits right now; "
                 f"retry in {_seconds(retry_after)}",
-                reason=REASON_RATE_LIMIT_UNAVAILABLE,
                 retry_after=retry_after,
             )
         self.stats.local_checks += 1
@@ -585,13 +580,10 @@ class RateLimiter:
                 observer.rate_limit_refused(scope)
             except Exception:
                 logger.exception("rate-limit observer %r failed", observer)
-        return BrokerError(
-            code=grpc.StatusCode.RESOURCE_EXHAUSTED,
-            message=(
-                f"rate limit exceeded for {worst.bucket.description} ({worst.bucket.limit}); "
-                f"retry in {_seconds(worst.retry_after)}"
-            ),
-            reason=REASON_RATE_LIMITED,
+        return BrokerError.of(
+            Reason.RATE_LIMITED,
+            f"rate limit exceeded for {worst.bucket.description} ({worst.bucket.limit}); "
+            f"retry in {_seconds(worst.retry_after)}",
             metadata={"scope": scope},
             retry_after=worst.retry_after,
             extra_details=(

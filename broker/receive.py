@@ -23,29 +23,20 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
-import grpc
-
 from broker.errors import BrokerError
-
-REASON_REQUEST_MALFORMED = "REQUEST_MALFORMED"
-REASON_REQUEST_RECEIVE_TIMEOUT = "REQUEST_RECEIVE_TIMEOUT"
+from broker.reasons import Reason
 
 T = TypeVar("T")
 
 
 def malformed(message: str) -> BrokerError:
-    return BrokerError(
-        code=grpc.StatusCode.INVALID_ARGUMENT,
-        message=message,
-        reason=REASON_REQUEST_MALFORMED,
-    )
+    return BrokerError.of(Reason.REQUEST_MALFORMED, message)
 
 
 def receive_timeout_error(seconds: float) -> BrokerError:
-    return BrokerError(
-        code=grpc.StatusCode.DEADLINE_EXCEEDED,
-        message=f"no request message received within {seconds:g}s",
-        reason=REASON_REQUEST_RECEIVE_TIMEOUT,
+    return BrokerError.of(
+        Reason.REQUEST_RECEIVE_TIMEOUT,
+        f"no request message received within {seconds:g}s",
         metadata={"timeoutSeconds": f"{seconds:g}"},
     )
 

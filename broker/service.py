@@ -68,12 +68,8 @@ from broker.metrics import BrokerMetrics
 from broker.observe import annotate_call, quiet_call
 from broker.policy import Decision, Policy
 from broker.ratelimit import RateLimiter
-from broker.receive import (
-    REASON_REQUEST_MALFORMED,
-    REASON_REQUEST_RECEIVE_TIMEOUT,
-    parse,
-    receive_one,
-)
+from broker.reasons import Reason
+from broker.receive import parse, receive_one
 from broker.request_id import REQUEST_ID_METADATA_KEY, new_request_id, request_id_from
 from broker.upstream import UpstreamClient, UpstreamResult
 from broker.upstream_guard import UpstreamGuard
@@ -81,8 +77,6 @@ from broker.validation import validate_create_token
 
 logger = logging.getLogger(__name__)
 
-REASON_INTERNAL = "INTERNAL"
-REASON_DEFAULT_DEADLINE_EXCEEDED = "DEFAULT_DEADLINE_EXCEEDED"
 CREATE_TOKEN_REQUEST: str = pb.CreateTokenRequest.DESCRIPTOR.full_name
 # The request of a call whose request message never arrived or did not parse (its audit line).
 _NO_REQUEST = pb.CreateTokenRequest()
@@ -196,7 +190,7 @@ class TokenBrokerServicer:
                 response = await self._answer(requests, context, call)
             except BrokerError as err:
                 error = err
-                if err.reason == REASON_REQUEST_RECEIVE_TIMEOUT:
+                if err.reason == Reason.REQUEST_RECEIVE_TIMEOUT:
                     self._metrics.call_shed(err.reason)
             except Exception as exc:
                 # Never UNKNOWN, never a stack trace to the caller. The log has the frames but
@@ -207,11 +201,7 @@ class TokenBrokerServicer:
                     "".join(traceback.format_tb(exc.__traceback__)),
                     extra={"request_id": request_id},
                 )
-                error = BrokerError(
-                    code=grpc.StatusCode.INTERNAL,
-                    message="internal error in the token broker",
-                    reason=REASON_INTERNAL,
-                )
+                error = BrokerError.of(Reason.INTERNAL, "internal error in the token broker")
             finally:
                 self._no_longer_pending(call)
         request = call.request if call.request is not None else _NO_REQUEST
@@ -291,11 +281,10 @@ class TokenBrokerServicer:
         except TimeoutError:
             if not bound.expired():
                 raise
-            raise BrokerError(
-                code=grpc.StatusCode.DEADLINE_EXCEEDED,
-                message=f"the call did not finish within the broker's default deadline of "
+            raise BrokerError.of(
+                Reason.DEFAULT_DEADLINE_EXCEEDED,
+                f"the call did not finish within the broker's default deadline of "
                 f"{self._default_deadline:g}s (the caller set none)",
-                reason=REASON_DEFAULT_DEADLINE_EXCEEDED,
                 metadata={"deadlineSeconds": f"{self._default_deadline:g}"},
             ) from None
 
@@ -312,7 +301,7 @@ class TokenBrokerServicer:
                 pb.CreateTokenRequest.FromString, raw, CREATE_TOKEN_REQUEST
             )
         except BrokerError as err:
-            if err.reason == REASON_REQUEST_MALFORMED:
+            if err.reason == Reason.REQUEST_MALFORMED:
                 return err
             raise
         annotate_call(namespace=request.namespace, service_account=request.service_account)

@@ -41,52 +41,23 @@ from broker.convert import (
     to_kubernetes_body,
     token_request_from_json,
 )
-from broker.errors import ERROR_DOMAIN, KUBERNETES_DOMAIN, BrokerError, FieldViolation
+from broker.errors import KUBERNETES_DOMAIN, BrokerError, FieldViolation
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
+from broker.reasons import (
+    Reason,
+    default_status_reason,
+    kubernetes_code,
+    kubernetes_reason,
+    kubernetes_retryable,
+)
 from broker.validation import MESSAGE_BUDGET, fit_violations, truncate_utf8
 
 logger = logging.getLogger(__name__)
-
-REASON_UNREACHABLE = "KUBERNETES_UNREACHABLE"
-REASON_TIMEOUT = "UPSTREAM_TIMEOUT"
-REASON_BAD_RESPONSE = "KUBERNETES_INVALID_RESPONSE"
 
 # Do not start (or sleep before) an attempt with less time than this left: it cannot finish.
 MIN_ATTEMPT_SECONDS = 0.05
 # Metadata values are bounded: Status details echo caller input.
 _METADATA_VALUE_LIMIT = 256
-
-# HTTP code -> the StatusReason client-go assumes when a body carries none
-# (apimachinery errors.NewGenericServerResponse).
-_DEFAULT_REASONS = {
-    400: "BadRequest",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "NotFound",
-    405: "MethodNotAllowed",
-    406: "NotAcceptable",
-    409: "Conflict",
-    410: "Expired",
-    413: "RequestEntityTooLarge",
-    415: "UnsupportedMediaType",
-    422: "Invalid",
-    429: "TooManyRequests",
-    500: "InternalError",
-    503: "ServiceUnavailable",
-    504: "Timeout",
-}
-
-_CODES = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    413: grpc.StatusCode.INVALID_ARGUMENT,
-    422: grpc.StatusCode.INVALID_ARGUMENT,
-    # The broker's own credentials: not the caller's fault, and not theirs to fix.
-    401: grpc.StatusCode.UNAVAILABLE,
-    403: grpc.StatusCode.PERMISSION_DENIED,
-    404: grpc.StatusCode.NOT_FOUND,
-    409: grpc.StatusCode.FAILED_PRECONDITION,
-    429: grpc.StatusCode.UNAVAILABLE,
-}
 
 
 @dataclass(frozen=True, repr=False)
@@ -407,7 +378,9 @@ class UpstreamClient:
             if answered:
                 error = None
             elif isinstance(outcome, _Failure):
-                error = "timeout" if outcome.error.reason == REASON_TIMEOUT else "connection"
+                error = (
+                    "timeout" if outcome.error.reason == Reason.UPSTREAM_TIMEOUT else "connection"
+                )
             return outcome
         finally:
             self._notify(
@@ -464,10 +437,9 @@ class UpstreamClient:
 
 
 def _timeout_error(seconds: float) -> BrokerError:
-    return BrokerError(
-        code=grpc.StatusCode.DEADLINE_EXCEEDED,
-        message="the deadline expired before the Kubernetes API server answered",
-        reason=REASON_TIMEOUT,
+    return BrokerError.of(
+        Reason.UPSTREAM_TIMEOUT,
+        "the deadline expired before the Kubernetes API server answered",
         metadata={"timeoutSeconds": f"{seconds:.3f}"},
     )
 
@@ -508,11 +480,8 @@ def _refresh_hook_off_loop(cfg: Any) -> None:
 def _transport_failure(exc: BaseException, *, retryable: bool) -> _Failure:
     # The cause is logged, not sent: it names the API server's internal address.
     return _Failure(
-        error=BrokerError(
-            code=grpc.StatusCode.UNAVAILABLE,
-            message="the Kubernetes API server is unreachable",
-            reason=REASON_UNREACHABLE,
-            domain=ERROR_DOMAIN,
+        error=BrokerError.of(
+            Reason.KUBERNETES_UNREACHABLE, "the Kubernetes API server is unreachable"
         ),
         retryable=retryable,
         detail=f"{type(exc).__name__}: {_safe_text(str(exc))}",
@@ -530,11 +499,9 @@ def _outcome(status: int, headers: Mapping[str, str], raw: bytes) -> UpstreamRes
             token_request = token_request_from_json(raw)
         except ConversionError as exc:
             return _Failure(
-                error=BrokerError(
-                    code=grpc.StatusCode.UNAVAILABLE,
-                    message=f"the Kubernetes API server's answer could not be read: {exc}",
-                    reason=REASON_BAD_RESPONSE,
-                    domain=ERROR_DOMAIN,
+                error=BrokerError.of(
+                    Reason.KUBERNETES_INVALID_RESPONSE,
+                    f"the Kubernetes API server's answer could not be read: {exc}",
                     metadata={"kubernetesCode": str(status)},
                 ),
                 retryable=False,
@@ -546,7 +513,7 @@ def _outcome(status: int, headers: Mapping[str, str], raw: bytes) -> UpstreamRes
 
 def _status_failure(status: int, headers: Mapping[str, str], raw: bytes) -> _Failure:
     parsed = _parse_status(raw)
-    reason = str(parsed.get("reason") or "") or _DEFAULT_REASONS.get(status, "")
+    reason = str(parsed.get("reason") or "") or default_status_reason(status)
     message = str(parsed.get("message") or "")
     if not message:
         # e.g. API Priority and Fairness' plain-text 429 body.
@@ -563,10 +530,7 @@ def _status_failure(status: int, headers: Mapping[str, str], raw: bytes) -> _Fai
         metadata["kubernetesGroup"] = truncate_utf8(details["group"], _METADATA_VALUE_LIMIT)
 
     retry_after = parse_retry_after(headers.get("Retry-After"))
-    retryable = status == 429 or 500 <= status <= 599
-    code = _CODES.get(status)
-    if code is None:
-        code = grpc.StatusCode.UNAVAILABLE if retryable else grpc.StatusCode.FAILED_PRECONDITION
+    retryable = kubernetes_retryable(status)
     if status == 401:
         message = (
             "the Kubernetes API server rejected the broker's own credentials "
@@ -588,8 +552,9 @@ def _status_failure(status: int, headers: Mapping[str, str], raw: bytes) -> _Fai
                 )
             )
     kept, _ = fit_violations(violations)
+    # The relayed family KUBERNETES_<REASON> (broker.reasons): the code follows the status.
     error = BrokerError(
-        code=code,
+        code=kubernetes_code(status),
         message=truncate_utf8(message, MESSAGE_BUDGET),
         reason=kubernetes_reason(reason or "Unknown"),
         domain=KUBERNETES_DOMAIN,
@@ -613,13 +578,6 @@ def _parse_status(raw: bytes) -> dict[str, Any]:
     if isinstance(data, dict) and data.get("kind") == "Status":
         return data
     return {}
-
-
-def kubernetes_reason(status_reason: str) -> str:
-    """ErrorInfo.reason of a relayed Status: KUBERNETES_ + UPPER_SNAKE of its reason."""
-    snake = re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", status_reason)
-    snake = re.sub(r"[^A-Za-z0-9]+", "_", snake).strip("_").upper() or "UNKNOWN"
-    return ("KUBERNETES_" + snake)[:63]
 
 
 def parse_retry_after(value: str | None) -> float | None:

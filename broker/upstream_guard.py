@@ -32,15 +32,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import grpc
-
 from broker.config import UpstreamLimitSettings
 from broker.errors import BrokerError
+from broker.reasons import Reason
 
 logger = logging.getLogger(__name__)
 
-REASON_UPSTREAM_BUSY = "UPSTREAM_BUSY"
-REASON_UPSTREAM_THROTTLED = "UPSTREAM_THROTTLED"
 
 # Observer scopes.
 SCOPE_UPSTREAM = "upstream"
@@ -175,13 +172,10 @@ class UpstreamGuard:
             return
         self.stats.throttled_refusals += 1
         self._refused(SCOPE_RETRY_AFTER)
-        raise BrokerError(
-            code=grpc.StatusCode.UNAVAILABLE,
-            message=(
-                "the Kubernetes API server asked to slow down requests for service account "
-                f"{namespace}/{service_account}; retry in {left:.2f}s"
-            ),
-            reason=REASON_UPSTREAM_THROTTLED,
+        raise BrokerError.of(
+            Reason.UPSTREAM_THROTTLED,
+            "the Kubernetes API server asked to slow down requests for service account "
+            f"{namespace}/{service_account}; retry in {left:.2f}s",
             metadata={"namespace": namespace, "serviceAccount": service_account},
             retry_after=left,
         )
@@ -253,13 +247,10 @@ class UpstreamGuard:
             self.max_concurrent,
             waited,
         )
-        raise BrokerError(
-            code=grpc.StatusCode.UNAVAILABLE,
-            message=(
-                "the token broker has too many requests in flight to the Kubernetes API "
-                f"server; retry in {BUSY_RETRY_AFTER_SECONDS:.2f}s"
-            ),
-            reason=REASON_UPSTREAM_BUSY,
+        raise BrokerError.of(
+            Reason.UPSTREAM_BUSY,
+            "the token broker has too many requests in flight to the Kubernetes API "
+            f"server; retry in {BUSY_RETRY_AFTER_SECONDS:.2f}s",
             metadata={"maxConcurrent": str(self.max_concurrent)},
             retry_after=BUSY_RETRY_AFTER_SECONDS,
         )

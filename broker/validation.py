@@ -15,10 +15,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 
-import grpc
-
 from broker.errors import BrokerError, FieldViolation
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
+from broker.reasons import Reason
 
 # Our own limits (the API server has none for audiences).
 MAX_AUDIENCES = 32
@@ -39,7 +38,6 @@ DRY_RUN_ALL = "All"
 FIELD_VALIDATION_VALUES = ("", "Ignore", "Strict", "Warn")  # sorted, as sets.List() prints them
 BOUND_OBJECT_KINDS = ("Node", "Pod", "Secret")
 
-REASON_REQUEST_INVALID = "REQUEST_INVALID"
 
 # Echoed values are cut here so a huge input cannot blow up the messages.
 MAX_ECHO_CHARS = 64
@@ -355,9 +353,7 @@ def truncate_utf8(text: str, limit: int) -> str:
     return raw[: max(0, limit - len(marker))].decode(errors="ignore") + marker
 
 
-def invalid_request_error(
-    prefix: str, violations: Sequence[FieldViolation], *, reason: str = REASON_REQUEST_INVALID
-) -> BrokerError:
+def invalid_request_error(prefix: str, violations: Sequence[FieldViolation]) -> BrokerError:
     """INVALID_ARGUMENT listing the violations, as apimachinery's NewInvalid words it."""
     kept, _ = fit_violations(violations)
     # The message lists what fits its own budget; the details carry the rest.
@@ -376,10 +372,9 @@ def invalid_request_error(
         message = f"{prefix}: [{', '.join(texts)}]"
     if omitted:
         message += f" (and {omitted} more)"
-    return BrokerError(
-        code=grpc.StatusCode.INVALID_ARGUMENT,
-        message=message,
-        reason=reason,
+    return BrokerError.of(
+        Reason.REQUEST_INVALID,
+        message,
         metadata={"violations": str(len(violations))},
         field_violations=kept,
     )

@@ -56,6 +56,7 @@ from broker.errors import ERROR_DOMAIN, RichStatus, rich_status_from_call
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 from broker.policy_reload import PolicyStore
+from broker.reasons import ALLOWED, Reason
 from broker.server import BrokerServer
 from broker.validation import go_quote
 
@@ -525,8 +526,7 @@ AUDIENCE_REQUIRED_MESSAGE = (
     "an audience is required: tokens for this service account are not issued for the API "
     "server's own audience; set token_request.spec.audiences"
 )
-ALLOWED = "ALLOWED"
-UNAUTHENTICATED_REASONS = ("CREDENTIALS_INVALID", "CREDENTIALS_MISSING")
+UNAUTHENTICATED_REASONS = (Reason.CREDENTIALS_INVALID, Reason.CREDENTIALS_MISSING)
 
 
 @dataclass(frozen=True)
@@ -627,35 +627,35 @@ MATRIX: dict[str, list[Case]] = {
            audiences=(VAULT, STS), expiration=7200, warning=shortened(7200, 3600)),
         ok("dry run allowed", RULE_CI, (VAULT,), None, dry_run=True),
         ok("bound object optional, any kind", RULE_CI, (VAULT,), None, bound=SECRET_REF),
-        no("audience outside the allowlist", "AUDIENCE_NOT_ALLOWED", not_allowed(EVIL), RULE_CI,
-           audiences=(EVIL,)),
-        no("another rule's audience", "AUDIENCE_NOT_ALLOWED", not_allowed(HIDDEN_AUD), RULE_CI,
+        no("audience outside the allowlist", Reason.AUDIENCE_NOT_ALLOWED, not_allowed(EVIL),
+           RULE_CI, audiences=(EVIL,)),
+        no("another rule's audience", Reason.AUDIENCE_NOT_ALLOWED, not_allowed(HIDDEN_AUD), RULE_CI,
            audiences=(VAULT, HIDDEN_AUD)),
-        no("service account not allowed", "NO_MATCHING_RULE", nmr(MTLS_ID, NAMESPACE, SA2),
+        no("service account not allowed", Reason.NO_MATCHING_RULE, nmr(MTLS_ID, NAMESPACE, SA2),
            service_account=SA2),
-        no("namespace not allowed", "NO_MATCHING_RULE",
+        no("namespace not allowed", Reason.NO_MATCHING_RULE,
            nmr(MTLS_ID, OTHER_NAMESPACE, SERVICE_ACCOUNT), namespace=OTHER_NAMESPACE),
     ],
     "api-key": [
         ok("bound pod, rule defaults", RULE_BOT, (VAULT,), 1200, bound=POD_REF),
         ok("bound pod, explicit audience and expiration", RULE_BOT, (VAULT,), 1500,
            bound=POD_REF, audiences=(VAULT,), expiration=1500),
-        no("bound object required", "BOUND_OBJECT_REQUIRED", BOUND_REQUIRED_MESSAGE, RULE_BOT),
-        no("bound kind not allowed", "BOUND_KIND_NOT_ALLOWED",
+        no("bound object required", Reason.BOUND_OBJECT_REQUIRED, BOUND_REQUIRED_MESSAGE, RULE_BOT),
+        no("bound kind not allowed", Reason.BOUND_KIND_NOT_ALLOWED,
            'tokens for this service account may not be bound to a "Secret" (allowed kinds: Pod)',
            RULE_BOT, bound=SECRET_REF),
-        no("expiration above the maximum rejected", "EXPIRATION_TOO_LONG",
+        no("expiration above the maximum rejected", Reason.EXPIRATION_TOO_LONG,
            "requested expiration of 3600 seconds is longer than the maximum of 1800 seconds "
            "for this service account", RULE_BOT, bound=POD_REF, expiration=3600),
-        no("dry run not allowed", "DRY_RUN_NOT_ALLOWED", DRY_RUN_MESSAGE, RULE_BOT,
+        no("dry run not allowed", Reason.DRY_RUN_NOT_ALLOWED, DRY_RUN_MESSAGE, RULE_BOT,
            bound=POD_REF, dry_run=True),
-        no("audience outside the allowlist", "AUDIENCE_NOT_ALLOWED", not_allowed(STS), RULE_BOT,
-           bound=POD_REF, audiences=(STS,)),
-        no("namespace not allowed", "NO_MATCHING_RULE",
+        no("audience outside the allowlist", Reason.AUDIENCE_NOT_ALLOWED, not_allowed(STS),
+           RULE_BOT, bound=POD_REF, audiences=(STS,)),
+        no("namespace not allowed", Reason.NO_MATCHING_RULE,
            nmr(f"apiKey:{BOT}", OTHER_NAMESPACE, SERVICE_ACCOUNT),
            namespace=OTHER_NAMESPACE, bound=POD_REF),
-        no("service account not allowed", "NO_MATCHING_RULE", nmr(f"apiKey:{BOT}", NAMESPACE, SA2),
-           service_account=SA2, bound=("Pod", OTHER_POD)),
+        no("service account not allowed", Reason.NO_MATCHING_RULE,
+           nmr(f"apiKey:{BOT}", NAMESPACE, SA2), service_account=SA2, bound=("Pod", OTHER_POD)),
     ],
     "jwt": [
         ok("rule default expiration", RULE_GH, (STS,), 900, service_account=SA2, audiences=(STS,)),
@@ -663,17 +663,17 @@ MATRIX: dict[str, list[Case]] = {
            audiences=(STS,), expiration=10800, warning=shortened(10800, 7200)),
         ok("bound pod allowed", RULE_GH, (STS,), 900, service_account=SA2, audiences=(STS,),
            bound=("Pod", OTHER_POD)),
-        no("audience required", "AUDIENCE_REQUIRED", AUDIENCE_REQUIRED_MESSAGE, RULE_GH,
+        no("audience required", Reason.AUDIENCE_REQUIRED, AUDIENCE_REQUIRED_MESSAGE, RULE_GH,
            service_account=SA2),
-        no("audience outside the allowlist", "AUDIENCE_NOT_ALLOWED", not_allowed(VAULT), RULE_GH,
-           service_account=SA2, audiences=(VAULT,)),
-        no("dry run not allowed", "DRY_RUN_NOT_ALLOWED", DRY_RUN_MESSAGE, RULE_GH,
+        no("audience outside the allowlist", Reason.AUDIENCE_NOT_ALLOWED, not_allowed(VAULT),
+           RULE_GH, service_account=SA2, audiences=(VAULT,)),
+        no("dry run not allowed", Reason.DRY_RUN_NOT_ALLOWED, DRY_RUN_MESSAGE, RULE_GH,
            service_account=SA2, audiences=(STS,), dry_run=True),
-        no("service account not allowed", "NO_MATCHING_RULE",
+        no("service account not allowed", Reason.NO_MATCHING_RULE,
            nmr(f"jwt:{JWT_ISSUER}#{GH_MAIN}", NAMESPACE, SERVICE_ACCOUNT), audiences=(STS,)),
     ],
     "jwt-feature-branch": [
-        no("claims do not match", "NO_MATCHING_RULE",
+        no("claims do not match", Reason.NO_MATCHING_RULE,
            nmr(f"jwt:{JWT_ISSUER}#{GH_FEATURE}", NAMESPACE, SA2),
            service_account=SA2, audiences=(STS,)),
     ],
@@ -682,22 +682,22 @@ MATRIX: dict[str, list[Case]] = {
         ok("bound object optional", RULE_LOCAL, (), None, bound=POD_REF),
         ok("longer expiration capped", RULE_LOCAL, (LOCAL_AUD,), 86400, service_account=SA2,
            audiences=(LOCAL_AUD,), expiration=172800, warning=shortened(172800, 86400)),
-        no("audience outside the allowlist", "AUDIENCE_NOT_ALLOWED", not_allowed(EVIL),
+        no("audience outside the allowlist", Reason.AUDIENCE_NOT_ALLOWED, not_allowed(EVIL),
            RULE_LOCAL, audiences=(EVIL,)),
-        no("dry run not allowed", "DRY_RUN_NOT_ALLOWED", DRY_RUN_MESSAGE, RULE_LOCAL,
+        no("dry run not allowed", Reason.DRY_RUN_NOT_ALLOWED, DRY_RUN_MESSAGE, RULE_LOCAL,
            dry_run=True),
-        no("namespace not allowed", "NO_MATCHING_RULE",
+        no("namespace not allowed", Reason.NO_MATCHING_RULE,
            nmr(f"unixSocket:{LOCAL}", OTHER_NAMESPACE, SERVICE_ACCOUNT),
            namespace=OTHER_NAMESPACE),
     ],
     "wrong-key": [
-        no("a target the certificate would get", "CREDENTIALS_INVALID", MESSAGE_INVALID),
-        no("a target nobody gets", "CREDENTIALS_INVALID", MESSAGE_INVALID,
+        no("a target the certificate would get", Reason.CREDENTIALS_INVALID, MESSAGE_INVALID),
+        no("a target nobody gets", Reason.CREDENTIALS_INVALID, MESSAGE_INVALID,
            namespace=OTHER_NAMESPACE, audiences=(HIDDEN_AUD,)),
     ],
     "no-credentials": [
-        no("an allowed target", "CREDENTIALS_MISSING", MESSAGE_MISSING),
-        no("a disallowed target", "CREDENTIALS_MISSING", MESSAGE_MISSING,
+        no("an allowed target", Reason.CREDENTIALS_MISSING, MESSAGE_MISSING),
+        no("a disallowed target", Reason.CREDENTIALS_MISSING, MESSAGE_MISSING,
            namespace=OTHER_NAMESPACE),
     ],
 }  # fmt: skip
@@ -853,15 +853,15 @@ def test_the_matrix_covers_every_reason() -> None:
     reasons = {case.reason for cases in MATRIX.values() for case in cases}
     assert reasons == {
         ALLOWED,
-        "NO_MATCHING_RULE",
-        "DRY_RUN_NOT_ALLOWED",
-        "BOUND_OBJECT_REQUIRED",
-        "BOUND_KIND_NOT_ALLOWED",
-        "AUDIENCE_REQUIRED",
-        "AUDIENCE_NOT_ALLOWED",
-        "EXPIRATION_TOO_LONG",
-        "CREDENTIALS_INVALID",
-        "CREDENTIALS_MISSING",
+        Reason.NO_MATCHING_RULE,
+        Reason.DRY_RUN_NOT_ALLOWED,
+        Reason.BOUND_OBJECT_REQUIRED,
+        Reason.BOUND_KIND_NOT_ALLOWED,
+        Reason.AUDIENCE_REQUIRED,
+        Reason.AUDIENCE_NOT_ALLOWED,
+        Reason.EXPIRATION_TOO_LONG,
+        Reason.CREDENTIALS_INVALID,
+        Reason.CREDENTIALS_MISSING,
     }
     assert {caller.method for caller in CALLERS.values()} == {
         "mtls",
@@ -910,7 +910,7 @@ async def test_jwt_rejections_end_to_end(
             assert out.status.code == grpc.StatusCode.UNAUTHENTICATED, case
             assert out.status.message == MESSAGE_INVALID, case
             assert out.status.error_info is not None
-            assert out.status.error_info.reason == "CREDENTIALS_INVALID", case
+            assert out.status.error_info.reason == Reason.CREDENTIALS_INVALID, case
             assert dict(out.status.error_info.metadata) == {}, case
         assert emulator.token_request_count == 0
         good = await broker.create(channel, request, bearer=material.jwt(), request_id="good")
@@ -928,7 +928,7 @@ async def test_jwt_rejections_end_to_end(
     ]
     for line in lines[:-1]:
         assert (line["user"], line["authMethod"], line["rule"]) == (None, None, None)
-        assert (line["decision"], line["reason"]) == ("denied", "CREDENTIALS_INVALID")
+        assert (line["decision"], line["reason"]) == ("denied", Reason.CREDENTIALS_INVALID)
     assert (lines[-1]["user"], lines[-1]["decision"]) == (GH_MAIN, "allowed")
 
 
@@ -970,7 +970,7 @@ async def expect_db_denied(broker: Broker, channel: aio.Channel) -> None:
     before = broker.emulator.token_request_count
     out = await broker.create(channel, DB_REQUEST.request())
     assert out.status is not None and out.status.error_info is not None
-    assert out.status.error_info.reason == "NO_MATCHING_RULE"
+    assert out.status.error_info.reason == Reason.NO_MATCHING_RULE
     assert broker.emulator.token_request_count == before
 
 
@@ -1092,7 +1092,7 @@ async def test_audit_lines_field_by_field(
         "dryRun": False,
         "decision": "allowed",
         "rule": RULE_CI,
-        "reason": "ALLOWED",
+        "reason": ALLOWED,
         "code": "OK",
         "upstreamStatus": 201,
         "jti": claims["jti"],
@@ -1115,7 +1115,7 @@ async def test_audit_lines_field_by_field(
         "dryRun": True,
         "decision": "denied",
         "rule": RULE_BOT,
-        "reason": "DRY_RUN_NOT_ALLOWED",
+        "reason": Reason.DRY_RUN_NOT_ALLOWED,
         "code": "PERMISSION_DENIED",
         "upstreamStatus": None,
         "jti": None,
@@ -1138,7 +1138,7 @@ async def test_audit_lines_field_by_field(
         "dryRun": None,
         "decision": "denied",
         "rule": None,
-        "reason": "CREDENTIALS_INVALID",
+        "reason": Reason.CREDENTIALS_INVALID,
         "code": "UNAUTHENTICATED",
         "upstreamStatus": None,
         "jti": None,
@@ -1162,7 +1162,7 @@ async def test_audit_fail_closed_withholds_the_token(
         "later"
     )
     assert out.status.error_info is not None
-    assert out.status.error_info.reason == "AUDIT_UNAVAILABLE"
+    assert out.status.error_info.reason == Reason.AUDIT_UNAVAILABLE
     assert out.status.retry_info is not None
     assert out.status.retry_info.retry_delay.seconds == 5
     # Minted upstream, then withheld: the caller got nothing that could be used.
@@ -1176,7 +1176,7 @@ async def test_audit_fail_closed_withholds_the_token(
         out = await broker.create(channel, create_request(namespace="nowhere"))
     assert out.status is not None and out.status.code == grpc.StatusCode.PERMISSION_DENIED
     assert out.status.error_info is not None
-    assert out.status.error_info.reason == "NO_MATCHING_RULE"
+    assert out.status.error_info.reason == Reason.NO_MATCHING_RULE
     assert emulator.token_request_count == 1
 
 

@@ -26,6 +26,7 @@ from broker.agent import Agent, SinkState, write_atomically
 from broker.agent_config import AgentConfig, AgentConfigError, parse_agent_config
 from broker.config import KubernetesSettings
 from broker.emulator import Emulator
+from broker.reasons import Reason
 
 SA_USER = f"system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNT}"
 
@@ -428,7 +429,7 @@ async def test_once_fails_with_the_reason(
     run = await run_broker_cli("agent", "--config", str(denied), "--once")
     assert run.returncode == 1
     assert f"sink {tmp_path / 'd'}" in run.stderr
-    assert "PERMISSION_DENIED" in run.stderr and "AUDIENCE_NOT_ALLOWED" in run.stderr
+    assert "PERMISSION_DENIED" in run.stderr and Reason.AUDIENCE_NOT_ALLOWED in run.stderr
     assert not (tmp_path / "d").exists()
 
     unreachable = write_config(

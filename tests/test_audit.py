@@ -35,6 +35,7 @@ from broker.emulator import Emulator
 from broker.errors import BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.identity import Identity
+from broker.reasons import ALLOWED, Reason
 from broker.request_id import MAX_REQUEST_ID_LENGTH, request_id_from
 from broker.upstream import UpstreamClient, UpstreamResult
 
@@ -59,7 +60,7 @@ def record(**overrides: Any) -> AuditRecord:
         "dry_run": False,
         "decision": "allowed",
         "rule": "ci-builds",
-        "reason": "ALLOWED",
+        "reason": ALLOWED,
         "code": "OK",
         "upstream_status": 201,
         "latency_ms": 12.34567,
@@ -115,7 +116,7 @@ def test_record_json_field_by_field() -> None:
         "dryRun": False,
         "decision": "allowed",
         "rule": "ci-builds",
-        "reason": "ALLOWED",
+        "reason": ALLOWED,
         "code": "OK",
         "upstreamStatus": 201,
         "latencyMs": 12.346,
@@ -217,7 +218,7 @@ async def test_for_call_with_a_real_token(emulator: Emulator, upstream: Upstream
     assert entry["dryRun"] is False
     assert entry["decision"] == "allowed"
     assert entry["rule"] == "ci-builds"
-    assert entry["reason"] == "ALLOWED"
+    assert entry["reason"] == ALLOWED
     assert entry["code"] == "OK"
     assert entry["upstreamStatus"] == 201
     assert entry["latencyMs"] == 3.5
@@ -244,7 +245,7 @@ async def test_for_call_relayed_upstream_refusal(upstream: UpstreamClient) -> No
     # Policy allowed it; the API server refused: an error, not a broker denial.
     assert entry["decision"] == "error"
     assert entry["code"] == "PERMISSION_DENIED"
-    assert entry["reason"] == "KUBERNETES_FORBIDDEN"
+    assert entry["reason"] == Reason.KUBERNETES_FORBIDDEN
     assert entry["upstreamStatus"] == 403
     assert entry["dryRun"] is True
     assert entry["requestedExpirationSeconds"] is None
@@ -263,11 +264,13 @@ def test_for_call_broker_refusals() -> None:
         identity=None,
         peer="unix:/run/broker.sock",
         latency_ms=0.2,
-        error=BrokerError(grpc.StatusCode.UNAUTHENTICATED, "no credentials", "CREDENTIALS_INVALID"),
+        error=BrokerError(
+            grpc.StatusCode.UNAUTHENTICATED, "no credentials", Reason.CREDENTIALS_INVALID
+        ),
     )
     assert (denied.decision, denied.reason, denied.code) == (
         "denied",
-        "CREDENTIALS_INVALID",
+        Reason.CREDENTIALS_INVALID,
         "UNAUTHENTICATED",
     )
     assert (denied.user, denied.auth_method, denied.issuer) == (None, None, None)
@@ -279,9 +282,13 @@ def test_for_call_broker_refusals() -> None:
         identity=Identity(method="jwt", name="ci", issuer="https://issuer.example"),
         peer=None,
         latency_ms=0.2,
-        error=BrokerError(grpc.StatusCode.PERMISSION_DENIED, "no rule", "NO_MATCHING_RULE"),
+        error=BrokerError(grpc.StatusCode.PERMISSION_DENIED, "no rule", Reason.NO_MATCHING_RULE),
     )
-    assert (no_rule.decision, no_rule.reason, no_rule.rule) == ("denied", "NO_MATCHING_RULE", None)
+    assert (no_rule.decision, no_rule.reason, no_rule.rule) == (
+        "denied",
+        Reason.NO_MATCHING_RULE,
+        None,
+    )
 
     unbound_uid = AuditRecord.for_call(
         create_request(bound=pb.BoundObjectReference(kind="Secret", name="s1")),
@@ -289,7 +296,7 @@ def test_for_call_broker_refusals() -> None:
         identity=Identity(method="apiKey", name="ci"),
         peer=None,
         latency_ms=0.2,
-        error=BrokerError(grpc.StatusCode.PERMISSION_DENIED, "no rule", "NO_MATCHING_RULE"),
+        error=BrokerError(grpc.StatusCode.PERMISSION_DENIED, "no rule", Reason.NO_MATCHING_RULE),
     )
     assert unbound_uid.bound_object_ref == BoundObjectRef(kind="Secret", name="s1", uid=None)
     assert no_rule.issuer == "https://issuer.example"
@@ -300,14 +307,18 @@ def test_for_call_broker_refusals() -> None:
         identity=None,
         peer=None,
         latency_ms=0.2,
-        error=BrokerError(grpc.StatusCode.UNAVAILABLE, "down", "KUBERNETES_UNREACHABLE"),
+        error=BrokerError(grpc.StatusCode.UNAVAILABLE, "down", Reason.KUBERNETES_UNREACHABLE),
     )
     assert (unreachable.decision, unreachable.code) == ("error", "UNAVAILABLE")
 
     crashed = AuditRecord.for_call(
         request, request_id="r", identity=None, peer=None, latency_ms=0.2, error=KeyError("x")
     )
-    assert (crashed.decision, crashed.reason, crashed.code) == ("error", "INTERNAL", "INTERNAL")
+    assert (crashed.decision, crashed.reason, crashed.code) == (
+        "error",
+        Reason.INTERNAL,
+        "INTERNAL",
+    )
 
 
 def test_for_call_token_minted_but_not_handed_out() -> None:
@@ -327,7 +338,11 @@ def test_for_call_token_minted_but_not_handed_out() -> None:
         result=result,
         error=AuditWriteError("disk full"),
     )
-    assert (rec.decision, rec.reason, rec.code) == ("error", "AUDIT_UNAVAILABLE", "UNAVAILABLE")
+    assert (rec.decision, rec.reason, rec.code) == (
+        "error",
+        Reason.AUDIT_UNAVAILABLE,
+        "UNAVAILABLE",
+    )
     assert rec.jti == "minted-1"
     assert rec.upstream_status == 201
     assert token not in rec.to_json()
@@ -336,7 +351,7 @@ def test_for_call_token_minted_but_not_handed_out() -> None:
 def test_audit_write_error_answer() -> None:
     err = AuditWriteError("x").as_broker_error()
     assert err.code == grpc.StatusCode.UNAVAILABLE
-    assert err.reason == "AUDIT_UNAVAILABLE"
+    assert err.reason == Reason.AUDIT_UNAVAILABLE
     assert err.retry_after is not None and err.retry_after > 0
 
 

@@ -29,8 +29,6 @@ from grpc import aio
 from jwt_support import AUDIENCE, ISSUER, Signer, b64, issuer_settings, rsa_key, write_jwks
 
 from broker.authn import (
-    REASON_CREDENTIALS_INVALID,
-    REASON_CREDENTIALS_MISSING,
     Authenticator,
     generate_api_key,
     hash_api_key,
@@ -44,6 +42,7 @@ from broker.config import (
     load_settings,
 )
 from broker.errors import BrokerError, RichStatus, rich_status_from_call
+from broker.reasons import Reason
 
 SPIFFE_ID = "spiffe://example.org/ci/runner"
 MESSAGE_MISSING = "the request carries no credentials"
@@ -111,12 +110,12 @@ async def refused(channel: aio.Channel, bearer: str | None = None, raw: str | No
     raise AssertionError("the call was accepted")
 
 
-def assert_refused(status: RichStatus, reason: str = REASON_CREDENTIALS_INVALID) -> None:
+def assert_refused(status: RichStatus, reason: str = Reason.CREDENTIALS_INVALID) -> None:
     assert status.code == grpc.StatusCode.UNAUTHENTICATED
     assert status.error_info is not None
     assert status.error_info.reason == reason
     assert status.message == (
-        MESSAGE_INVALID if reason == REASON_CREDENTIALS_INVALID else MESSAGE_MISSING
+        MESSAGE_INVALID if reason == Reason.CREDENTIALS_INVALID else MESSAGE_MISSING
     )
 
 
@@ -300,7 +299,7 @@ async def test_api_keys_from_a_file_and_inline(api_key_file: tuple[Path, dict[st
         assert_refused(await refused(channel, raw=f"Basic {inline}"))
         assert_refused(await refused(channel, raw="Bearer "))
         assert_refused(await refused(channel, raw=f"Bearer {inline[:9]} {inline[9:]}"))
-        assert_refused(await refused(channel), REASON_CREDENTIALS_MISSING)
+        assert_refused(await refused(channel), Reason.CREDENTIALS_MISSING)
 
 
 def write_api_keys(path: Path, keys: dict[str, str]) -> None:
@@ -813,7 +812,7 @@ async def test_unix_socket_fixed_identity(socket_path: Path) -> None:
         assert (await call(unix_channel, key))["name"] == "ci"
         assert_refused(await refused(unix_channel, "tbk_wrong"))
         # TCP callers do not get the socket's identity.
-        assert_refused(await refused(tcp_channel), REASON_CREDENTIALS_MISSING)
+        assert_refused(await refused(tcp_channel), Reason.CREDENTIALS_MISSING)
 
 
 async def test_bearer_takes_precedence_over_mtls_and_never_falls_back(
@@ -845,8 +844,8 @@ async def test_nothing_configured_refuses_everything(pki: PKI, socket_path: Path
         pki.client_channel(address, cert) as tls_channel,
         aio.insecure_channel(f"unix:{socket_path}") as unix_channel,
     ):
-        assert_refused(await refused(tls_channel), REASON_CREDENTIALS_MISSING)
-        assert_refused(await refused(unix_channel), REASON_CREDENTIALS_MISSING)
+        assert_refused(await refused(tls_channel), Reason.CREDENTIALS_MISSING)
+        assert_refused(await refused(unix_channel), Reason.CREDENTIALS_MISSING)
         assert_refused(await refused(unix_channel, "tbk_anything"))
         assert_refused(await refused(unix_channel, rsa_key_token()))
 
@@ -928,7 +927,7 @@ async def test_no_credential_in_logs_messages_or_reprs(
     for status in statuses:
         assert status.message in (MESSAGE_MISSING, MESSAGE_INVALID)
         assert status.error_info is not None and not status.error_info.metadata
-        assert status.error_info.reason in (REASON_CREDENTIALS_MISSING, REASON_CREDENTIALS_INVALID)
+        assert status.error_info.reason in (Reason.CREDENTIALS_MISSING, Reason.CREDENTIALS_INVALID)
     failures = [
         r for r in caplog.records if r.name == "broker.authn" and r.levelno == logging.WARNING
     ]

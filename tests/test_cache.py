@@ -50,6 +50,7 @@ from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 from broker.identity import Identity
 from broker.policy import Decision
+from broker.reasons import ALLOWED, Reason
 from broker.server import BrokerServer
 from broker.upstream import UpstreamClient, UpstreamResult
 
@@ -212,7 +213,7 @@ async def test_a_waiter_out_of_time_gets_deadline_exceeded_and_the_token_is_stil
     with pytest.raises(BrokerError) as caught:
         await h.get(request, timeout=0.01, fetch=gated(fetcher(upstream, request), gate))
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert caught.value.reason == "UPSTREAM_TIMEOUT"
+    assert caught.value.reason == Reason.UPSTREAM_TIMEOUT
     # Nobody waits any more; the call goes on and its token is kept for the retry.
     gate.set()
     await h.cache.wait_for_refreshes()
@@ -421,16 +422,16 @@ async def test_dry_run_and_rules_without_caching_bypass_the_cache(
     make_cache: Callable[..., Harness],
 ) -> None:
     h = make_cache()
-    allowed = Decision(allowed=True, reason="ALLOWED", message="", rule="r", cacheable=True)
+    allowed = Decision(allowed=True, reason=ALLOWED, message="", rule="r", cacheable=True)
     request = create_request(audiences=["vault"])
     dry_run = create_request(audiences=["vault"], dry_run=["All"])
     assert h.cache.cacheable(allowed, request)
     assert not h.cache.cacheable(allowed, dry_run)
     with pytest.raises(ValueError, match="dry-run"):
         CacheKey.for_request(ALICE, dry_run)
-    no_cache = Decision(allowed=True, reason="ALLOWED", message="", rule="r", cacheable=False)
+    no_cache = Decision(allowed=True, reason=ALLOWED, message="", rule="r", cacheable=False)
     assert not h.cache.cacheable(no_cache, request)
-    denied = Decision(allowed=False, reason="NO_MATCHING_RULE", message="", cacheable=True)
+    denied = Decision(allowed=False, reason=Reason.NO_MATCHING_RULE, message="", cacheable=True)
     assert not h.cache.cacheable(denied, request)
     disabled = TokenCache(CacheSettings(enabled=False))
     assert not disabled.cacheable(allowed, request)
@@ -670,7 +671,7 @@ def test_key_is_built_from_the_effective_request() -> None:
     )
     decision = Decision(
         allowed=True,
-        reason="ALLOWED",
+        reason=ALLOWED,
         message="",
         rule="r",
         audiences=("vault",),
@@ -737,7 +738,7 @@ async def test_broker_single_flight_and_policy_on_every_hit(
     assert set(statuses[:50]) <= {201, None} and 201 in statuses[:50]
     assert statuses[50] is None
     assert {line["jti"] for line in lines[:51]} == {lines[0]["jti"]}
-    assert [line["reason"] for line in lines[51:]] == ["ALLOWED", "NO_MATCHING_RULE"]
+    assert [line["reason"] for line in lines[51:]] == [ALLOWED, Reason.NO_MATCHING_RULE]
 
 
 async def test_broker_callers_never_share_a_cached_token(

@@ -34,6 +34,7 @@ from broker.client import (
 )
 from broker.config import KubernetesSettings
 from broker.emulator import Emulator
+from broker.reasons import Reason
 
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 SERVICE_CONFIG_FILE = Path(__file__).resolve().parents[1] / "clients" / "service-config.json"
@@ -145,14 +146,14 @@ async def test_errors_carry_code_reason_metadata_and_violations(
             await client.create_token(NAMESPACE, "Not_A_Name", expiration_seconds=60)
     err = denied.value
     assert err.code == grpc.StatusCode.PERMISSION_DENIED
-    assert (err.reason, err.domain) == ("AUDIENCE_NOT_ALLOWED", "tokenbroker.dev")
+    assert (err.reason, err.domain) == (Reason.AUDIENCE_NOT_ALLOWED, "tokenbroker.dev")
     assert err.metadata["rule"] == "core-tests"
     assert err.retry_delay is None and not err.retryable and err.attempts == 1
-    assert "PERMISSION_DENIED" in str(err) and "AUDIENCE_NOT_ALLOWED" in err.describe()
+    assert "PERMISSION_DENIED" in str(err) and Reason.AUDIENCE_NOT_ALLOWED in err.describe()
 
     err = invalid.value
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.reason == "REQUEST_INVALID"
+    assert err.reason == Reason.REQUEST_INVALID
     fields = {v.field for v in err.field_violations}
     assert {"service_account", "token_request.spec.expiration_seconds"} <= fields
 

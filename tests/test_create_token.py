@@ -26,6 +26,7 @@ from broker.emulator import Emulator
 from broker.errors import KUBERNETES_DOMAIN
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
+from broker.reasons import Reason
 
 
 def verify(emulator: Emulator, token: str, audience: str | list[str]) -> dict[str, Any]:
@@ -86,7 +87,7 @@ def expect_not_found(status: Any, kind: str, name: str) -> None:
         status,
         grpc.StatusCode.NOT_FOUND,
         f'{kind} "{name}" not found',
-        "KUBERNETES_NOT_FOUND",
+        Reason.KUBERNETES_NOT_FOUND,
         404,
         "NotFound",
         kubernetesKind=kind,
@@ -239,7 +240,7 @@ async def test_uid_conflict_after_pod_recreated(
         f'Operation cannot be fulfilled on Pod "{POD}": the UID in the bound object reference '
         f"({old_uid}) does not match the UID in record. The object might have been deleted and "
         "then recreated",
-        "KUBERNETES_CONFLICT",
+        Reason.KUBERNETES_CONFLICT,
         409,
         "Conflict",
         kubernetesKind="Pod",
@@ -267,7 +268,7 @@ async def test_pod_runs_as_other_service_account(stub: pb_grpc.TokenBrokerServic
         grpc.StatusCode.INVALID_ARGUMENT,
         f'cannot bind token for serviceaccount "{SERVICE_ACCOUNT}" to pod running with '
         "different serviceaccount name.",
-        "KUBERNETES_BAD_REQUEST",
+        Reason.KUBERNETES_BAD_REQUEST,
         400,
         "BadRequest",
     )
@@ -282,7 +283,7 @@ async def test_node_binding_disabled(stub: pb_grpc.TokenBrokerServiceStub) -> No
         grpc.StatusCode.INVALID_ARGUMENT,
         'cannot bind token to a Node object as the "ServiceAccountTokenNodeBinding" '
         "feature-gate is disabled",
-        "KUBERNETES_BAD_REQUEST",
+        Reason.KUBERNETES_BAD_REQUEST,
         400,
         "BadRequest",
     )
@@ -312,7 +313,7 @@ async def test_forbidden_namespace(
         grpc.StatusCode.PERMISSION_DENIED,
         f'serviceaccounts "{SERVICE_ACCOUNT}" is forbidden: User "{BROKER_USER}" cannot create '
         f'resource "serviceaccounts/token" in API group "" in the namespace "{OTHER_NAMESPACE}"',
-        "KUBERNETES_FORBIDDEN",
+        Reason.KUBERNETES_FORBIDDEN,
         403,
         "Forbidden",
         kubernetesKind="serviceaccounts",

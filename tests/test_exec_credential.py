@@ -39,6 +39,7 @@ from broker.exec_credential import (
     cache_key,
     exec_api_version,
 )
+from broker.reasons import Reason
 
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 RFC3339_SECONDS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
@@ -228,7 +229,7 @@ async def test_failures_exit_1_with_the_reason(
     cache = tmp_path / "cache"
     denied = await run_broker_cli(*plugin_args(broker, key_file, cache, "--audience", "nope"))
     assert denied.returncode == 1 and denied.stdout == ""
-    assert "PERMISSION_DENIED" in denied.stderr and "AUDIENCE_NOT_ALLOWED" in denied.stderr
+    assert "PERMISSION_DENIED" in denied.stderr and Reason.AUDIENCE_NOT_ALLOWED in denied.stderr
     assert not list(cache.glob("*.json"))
 
     unreachable = await run_broker_cli(

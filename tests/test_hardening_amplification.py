@@ -24,6 +24,7 @@ from broker.config import KubernetesSettings, RateSettings
 from broker.emulator import Emulator
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.identity import Identity
+from broker.reasons import Reason
 
 BAD_KEY = "tbk_not-a-configured-key-000000"
 MB = 1_000_000
@@ -137,7 +138,7 @@ async def test_unauthenticated_call_with_huge_fields_gets_a_small_audit_line(
     first, second = (json.loads(line) for line in lines)
     # Minimal: who was refused and what for, none of the request's other fields.
     for entry in (first, second):
-        assert (entry["user"], entry["reason"]) == (None, "CREDENTIALS_INVALID")
+        assert (entry["user"], entry["reason"]) == (None, Reason.CREDENTIALS_INVALID)
         assert (entry["audiences"], entry["boundObjectRef"]) == (None, None)
         assert (entry["requestedExpirationSeconds"], entry["dryRun"]) == (None, None)
     assert uid[:300] not in lines[0]
@@ -167,7 +168,7 @@ async def test_authenticated_oversize_fields_are_refused_at_validation(
             assert status is not None, label
             assert status.code == grpc.StatusCode.INVALID_ARGUMENT, (label, status)
             assert status.error_info is not None
-            assert status.error_info.reason == "REQUEST_INVALID", label
+            assert status.error_info.reason == Reason.REQUEST_INVALID, label
             assert status.bad_request is not None
             field = label.split("-")[0]
             [violation] = [
@@ -238,7 +239,7 @@ async def test_failing_peer_is_throttled_before_authentication(
         assert status is not None
         assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert status.error_info is not None
-        assert status.error_info.reason == "PEER_THROTTLED"
+        assert status.error_info.reason == Reason.PEER_THROTTLED
         assert dict(status.error_info.metadata) == {"scope": "peer"}
         assert status.retry_info is not None and status.retry_info.retry_delay.seconds > 0
         assert int(status.trailers["grpc-retry-pushback-ms"]) > 0
@@ -248,7 +249,7 @@ async def test_failing_peer_is_throttled_before_authentication(
         entry = broker.audit_entries()[-1]
         assert (entry["requestID"], entry["reason"], entry["code"]) == (
             "first",
-            "PEER_THROTTLED",
+            Reason.PEER_THROTTLED,
             "RESOURCE_EXHAUSTED",
         )
         assert entry["suppressedRefusals"] == 0 and entry["user"] is None
@@ -261,11 +262,11 @@ async def test_failing_peer_is_throttled_before_authentication(
                 address, create_request(), bearer=BAD_KEY, request_id=f"flood-{i}"
             )
             assert status is not None and status.error_info is not None
-            assert status.error_info.reason == "PEER_THROTTLED"
+            assert status.error_info.reason == Reason.PEER_THROTTLED
         # A valid caller at the same address is refused too (before authentication).
         response, status = await create(address, create_request(), bearer=CALLER_KEY)
         assert response is None and status is not None and status.error_info is not None
-        assert status.error_info.reason == "PEER_THROTTLED"
+        assert status.error_info.reason == Reason.PEER_THROTTLED
         assert refusals() == 1 + flood + 1
         assert len(broker.audit_lines()) == audited
         assert len([r for r in caplog.records if r.name == "broker.authn"]) == authn_warnings
@@ -288,7 +289,7 @@ async def test_failing_peer_is_throttled_before_authentication(
             broker.sample(
                 "token_broker_authentication_failures_total",
                 method="apiKey",
-                reason="CREDENTIALS_INVALID",
+                reason=Reason.CREDENTIALS_INVALID,
             )
             == FAILURES_BURST
         )
@@ -299,7 +300,7 @@ async def test_failing_peer_is_throttled_before_authentication(
     # At shutdown, one summary line counts the refusals no line reported.
     summary = broker.audit_entries()[-1]
     assert (summary["reason"], summary["code"], summary["decision"]) == (
-        "PEER_THROTTLED",
+        Reason.PEER_THROTTLED,
         "RESOURCE_EXHAUSTED",
         "denied",
     )

@@ -40,6 +40,7 @@ from broker.audit import AuditLog, AuditRecord, AuditWriteError
 from broker.config import KubernetesSettings, load_settings
 from broker.emulator import Emulator
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
+from broker.reasons import Reason
 from broker.server import BrokerServer
 from broker.upstream import UpstreamClient
 
@@ -311,7 +312,7 @@ async def test_fail_closed_a_stuck_line_withholds_the_token_and_uncaches_it(
                 "not cached; retry later"
             )
             assert first.error_info is not None
-            assert first.error_info.reason == "AUDIT_UNAVAILABLE"
+            assert first.error_info.reason == Reason.AUDIT_UNAVAILABLE
             assert first.retry_info is not None
             assert emulator.token_request_count == 1
             assert len(cache) == 0  # not left for the next caller
@@ -331,7 +332,8 @@ async def test_fail_closed_a_stuck_line_withholds_the_token_and_uncaches_it(
             assert emulator.token_request_count == 2
             assert len(cache) == 0
             assert (
-                broker.metric("token_broker_tokens_withheld_total", reason="AUDIT_UNAVAILABLE") == 4
+                broker.metric("token_broker_tokens_withheld_total", reason=Reason.AUDIT_UNAVAILABLE)
+                == 4
             )
             assert broker.metric("token_broker_tokens_issued_total", namespace=NAMESPACE) == 0
 
@@ -350,12 +352,12 @@ async def test_fail_closed_a_stuck_line_withholds_the_token_and_uncaches_it(
             line = last[request_id]
             assert (line["decision"], line["reason"], line["code"]) == (
                 "error",
-                "AUDIT_UNAVAILABLE",
+                Reason.AUDIT_UNAVAILABLE,
                 "UNAVAILABLE",
             )
             assert line["jti"] is not None and line["upstreamStatus"] == 201
         assert len({last[f"waiter-{i}"]["jti"] for i in range(3)}) == 1
-        refused = [line for line in lines if line["reason"] == "AUDIT_UNAVAILABLE"]
+        refused = [line for line in lines if line["reason"] == Reason.AUDIT_UNAVAILABLE]
         assert len(refused) == 4
         assert last["after"]["decision"] == "allowed"
         assert broker.metric("token_broker_audit_sink_up") == 1
@@ -399,7 +401,10 @@ async def test_a_failing_sink_is_not_ready_until_repaired_even_without_calls(
         assert not state.ready
         assert state.reason == f"cannot write the audit log {path} ({os.strerror(errno.ENOENT)})"
         assert broker.metric("token_broker_audit_sink_up") == 0
-        assert broker.metric("token_broker_tokens_withheld_total", reason="AUDIT_UNAVAILABLE") == 1
+        assert (
+            broker.metric("token_broker_tokens_withheld_total", reason=Reason.AUDIT_UNAVAILABLE)
+            == 1
+        )
 
         directory.mkdir()  # repaired: seen without another call
         await eventually(lambda: broker.server.readiness.state().ready)
@@ -510,7 +515,7 @@ async def test_serve_with_a_stdout_pipe_nobody_reads(
             assert metric_value(metrics, "token_broker_audit_lines_written_total") == 5
             assert metric_value(metrics, "token_broker_audit_lines_pending") == 0
             lines = pipe.lines()
-            assert lines[0]["reason"] == "CREDENTIALS_MISSING"
+            assert lines[0]["reason"] == Reason.CREDENTIALS_MISSING
             assert [line["requestID"] for line in lines[1:]] == [f"call-{i}" for i in range(4)]
             assert all(line["decision"] == "allowed" for line in lines[1:])
 

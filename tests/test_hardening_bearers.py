@@ -35,6 +35,7 @@ from broker.devmode import dev_settings
 from broker.emulator import Emulator
 from broker.errors import RichStatus
 from broker.logs import setup_logging
+from broker.reasons import Reason
 
 MESSAGE_INVALID = "the credentials could not be verified"
 LEVELS = 2000  # ~5.5 KB of bearer: RecursionError for json.loads, under gRPC's 8 KiB metadata
@@ -45,7 +46,7 @@ def assert_generic_refusal(status: RichStatus | None) -> None:
     assert status.code == grpc.StatusCode.UNAUTHENTICATED, status
     assert status.message == MESSAGE_INVALID
     assert status.error_info is not None
-    assert status.error_info.reason == "CREDENTIALS_INVALID"
+    assert status.error_info.reason == Reason.CREDENTIALS_INVALID
     assert not status.error_info.metadata
 
 
@@ -120,7 +121,7 @@ async def test_deeply_nested_bearer_is_unauthenticated(
         [line] = broker.audit_entries()
     assert (line["decision"], line["reason"], line["code"]) == (
         "denied",
-        "CREDENTIALS_INVALID",
+        Reason.CREDENTIALS_INVALID,
         "UNAUTHENTICATED",
     )
     assert assert_logged_as_a_refusal(caplog, bearer) == REASONS[shape, issuer]

@@ -36,6 +36,7 @@ from broker.emulator import Emulator
 from broker.errors import ERROR_DOMAIN, RichStatus, rich_status_from_call
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.logs import setup_logging
+from broker.reasons import Reason
 from broker.server import (
     MAX_RECEIVE_MESSAGE_BYTES,
     SERVICE_NAME,
@@ -202,7 +203,7 @@ async def test_a_create_token_body_that_does_not_parse_is_invalid_argument(
         status = await failure(
             create(body, metadata=(*CALLER_METADATA, ("x-request-id", "req-malformed")))
         )
-    assert_refused(status, grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_MALFORMED")
+    assert_refused(status, grpc.StatusCode.INVALID_ARGUMENT, Reason.REQUEST_MALFORMED)
     assert "tokenbroker.v1.CreateTokenRequest" in status.message
     await eventually(
         lambda: edge.handled(CREATE_LABELS, "INVALID_ARGUMENT") == 1, "counted INVALID_ARGUMENT"
@@ -212,7 +213,7 @@ async def test_a_create_token_body_that_does_not_parse_is_invalid_argument(
     [access] = edge.access_lines(request_id="req-malformed")
     assert (access["grpc_code"], access["reason"], access["user"]) == (
         "INVALID_ARGUMENT",
-        "REQUEST_MALFORMED",
+        Reason.REQUEST_MALFORMED,
         CALLER,
     )
     [audit] = edge.audit_lines()
@@ -220,7 +221,7 @@ async def test_a_create_token_body_that_does_not_parse_is_invalid_argument(
     assert (audit["decision"], audit["code"], audit["reason"]) == (
         "denied",
         "INVALID_ARGUMENT",
-        "REQUEST_MALFORMED",
+        Reason.REQUEST_MALFORMED,
     )
     assert (audit["user"], audit["namespace"], audit["serviceAccount"]) == (CALLER, "", "")
     assert emulator.token_request_count == 0
@@ -236,12 +237,12 @@ async def test_an_unauthenticated_caller_learns_nothing_about_its_bytes(
 ) -> None:
     async with aio.insecure_channel(edge.address) as channel:
         status = await failure(channel.stream_unary(CREATE_TOKEN)(iter(messages)))
-    assert_refused(status, grpc.StatusCode.UNAUTHENTICATED, "CREDENTIALS_MISSING")
+    assert_refused(status, grpc.StatusCode.UNAUTHENTICATED, Reason.CREDENTIALS_MISSING)
     await eventually(lambda: edge.handled(CREATE_LABELS, "UNAUTHENTICATED") == 1, "counted")
     [audit] = edge.audit_lines()
     assert (audit["code"], audit["reason"], audit["user"]) == (
         "UNAUTHENTICATED",
-        "CREDENTIALS_MISSING",
+        Reason.CREDENTIALS_MISSING,
         None,
     )
     assert emulator.token_request_count == 0
@@ -251,7 +252,7 @@ async def test_empty_bytes_are_a_valid_but_invalid_request(edge: Edge, emulator:
     # b"" is the encoding of an empty CreateTokenRequest: it parses, then fails validation.
     async with aio.insecure_channel(edge.address) as channel:
         status = await failure(channel.unary_unary(CREATE_TOKEN)(b"", metadata=CALLER_METADATA))
-    assert_refused(status, grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_INVALID")
+    assert_refused(status, grpc.StatusCode.INVALID_ARGUMENT, Reason.REQUEST_INVALID)
     assert status.bad_request is not None and status.bad_request.field_violations
     assert emulator.token_request_count == 0
 
@@ -262,12 +263,12 @@ async def test_a_stream_without_a_request_message_is_malformed(
     async with aio.insecure_channel(edge.address) as channel:
         create = channel.stream_unary(CREATE_TOKEN)
         status = await failure(create(iter([]), metadata=CALLER_METADATA))
-    assert_refused(status, grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_MALFORMED")
+    assert_refused(status, grpc.StatusCode.INVALID_ARGUMENT, Reason.REQUEST_MALFORMED)
     assert "no request message" in status.message
     await eventually(lambda: edge.handled(CREATE_LABELS, "INVALID_ARGUMENT") == 1, "counted")
     assert edge.sample("grpc_server_msg_received_total", **CREATE_LABELS) == 0
     [audit] = edge.audit_lines()
-    assert (audit["reason"], audit["user"]) == ("REQUEST_MALFORMED", CALLER)
+    assert (audit["reason"], audit["user"]) == (Reason.REQUEST_MALFORMED, CALLER)
     assert emulator.token_request_count == 0
 
 
@@ -315,12 +316,12 @@ async def test_health_and_reflection_answer_bytes_that_do_not_parse_too(
     async with aio.insecure_channel(edge.address) as channel:
         check = channel.unary_unary(f"/{HEALTH}/Check")
         status = await failure(check(body))
-        assert_refused(status, grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_MALFORMED")
+        assert_refused(status, grpc.StatusCode.INVALID_ARGUMENT, Reason.REQUEST_MALFORMED)
         assert "grpc.health.v1.HealthCheckRequest" in status.message
 
         watch = channel.unary_stream(f"/{HEALTH}/Watch")(body)
         status = await failure(watch.read())
-        assert_refused(status, grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_MALFORMED")
+        assert_refused(status, grpc.StatusCode.INVALID_ARGUMENT, Reason.REQUEST_MALFORMED)
 
         # The first message is good, the second is not.
         reflect = channel.stream_stream(f"/{REFLECTION}/ServerReflectionInfo")(
@@ -331,7 +332,7 @@ async def test_health_and_reflection_answer_bytes_that_do_not_parse_too(
         first = reflection_pb2.ServerReflectionResponse.FromString(await bounded(reflect.read()))
         assert SERVICE_NAME in [s.name for s in first.list_services_response.service]
         status = await failure(reflect.read())
-        assert_refused(status, grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_MALFORMED")
+        assert_refused(status, grpc.StatusCode.INVALID_ARGUMENT, Reason.REQUEST_MALFORMED)
 
         # Good bytes are still served.
         ok = health_pb2.HealthCheckResponse.FromString(
@@ -348,7 +349,7 @@ async def test_health_and_reflection_answer_bytes_that_do_not_parse_too(
         [access] = edge.access_lines(
             grpc_method=labels["grpc_method"], grpc_code="INVALID_ARGUMENT"
         )
-        assert access["reason"] == "REQUEST_MALFORMED"
+        assert access["reason"] == Reason.REQUEST_MALFORMED
     assert edge.handled(CHECK_LABELS, "OK") == 1
     assert edge.sample("grpc_server_msg_received_total", **REFLECTION_LABELS) == 2
 
@@ -376,21 +377,25 @@ async def test_calls_that_never_send_their_request_are_ended_by_the_server(
         finally:
             held.released.set()
         for status in statuses:
-            assert_refused(status, grpc.StatusCode.DEADLINE_EXCEEDED, "REQUEST_RECEIVE_TIMEOUT")
-        assert_refused(probe_status, grpc.StatusCode.DEADLINE_EXCEEDED, "REQUEST_RECEIVE_TIMEOUT")
+            assert_refused(
+                status, grpc.StatusCode.DEADLINE_EXCEEDED, Reason.REQUEST_RECEIVE_TIMEOUT
+            )
+        assert_refused(
+            probe_status, grpc.StatusCode.DEADLINE_EXCEEDED, Reason.REQUEST_RECEIVE_TIMEOUT
+        )
 
         await eventually(
             lambda: edge.handled(CREATE_LABELS, "DEADLINE_EXCEEDED") == count, "counted"
         )
         await eventually(lambda: edge.handled(CHECK_LABELS, "DEADLINE_EXCEEDED") == 1, "counted")
-        assert edge.shed("REQUEST_RECEIVE_TIMEOUT") == count + 1
+        assert edge.shed(Reason.REQUEST_RECEIVE_TIMEOUT) == count + 1
         lines = edge.audit_lines()
         assert len(lines) == count
         assert {(a["code"], a["reason"], a["decision"]) for a in lines} == {
-            ("DEADLINE_EXCEEDED", "REQUEST_RECEIVE_TIMEOUT", "error")
+            ("DEADLINE_EXCEEDED", Reason.REQUEST_RECEIVE_TIMEOUT, "error")
         }
         assert {a["user"] for a in lines} == {None}  # not authenticated yet
-        assert len(edge.access_lines(reason="REQUEST_RECEIVE_TIMEOUT")) == count + 1
+        assert len(edge.access_lines(reason=Reason.REQUEST_RECEIVE_TIMEOUT)) == count + 1
         assert emulator.token_request_count == 0
 
         # A normal call is served afterwards.
@@ -422,17 +427,17 @@ async def test_calls_beyond_the_pending_limit_are_shed_at_once(
             ]
             shed.append(await failure(create(held.messages(), metadata=())))
             for status in shed:
-                assert_refused(status, grpc.StatusCode.UNAVAILABLE, "TOO_MANY_PENDING_CALLS")
+                assert_refused(status, grpc.StatusCode.UNAVAILABLE, Reason.TOO_MANY_PENDING_CALLS)
                 assert status.retry_info is not None
                 assert status.retry_info.retry_delay.ToMilliseconds() == 1000
                 assert status.trailers["grpc-retry-pushback-ms"] == "1000"
             await eventually(lambda: edge.handled(CREATE_LABELS, "UNAVAILABLE") == 4, "counted")
-            assert edge.shed("TOO_MANY_PENDING_CALLS") == 4
+            assert edge.shed(Reason.TOO_MANY_PENDING_CALLS) == 4
             lines = edge.audit_lines()
             assert [(a["code"], a["reason"]) for a in lines] == [
-                ("UNAVAILABLE", "TOO_MANY_PENDING_CALLS")
+                ("UNAVAILABLE", Reason.TOO_MANY_PENDING_CALLS)
             ] * 4
-            assert len(edge.access_lines(reason="TOO_MANY_PENDING_CALLS")) == 4
+            assert len(edge.access_lines(reason=Reason.TOO_MANY_PENDING_CALLS)) == 4
         finally:
             for call in calls:
                 call.cancel()
@@ -502,17 +507,17 @@ async def test_a_call_without_a_deadline_gets_the_default_one(
     finally:
         emulator.faults.latency = 0.0
     for status in statuses:
-        assert_refused(status, grpc.StatusCode.DEADLINE_EXCEEDED, "DEFAULT_DEADLINE_EXCEEDED")
+        assert_refused(status, grpc.StatusCode.DEADLINE_EXCEEDED, Reason.DEFAULT_DEADLINE_EXCEEDED)
         assert status.error_info is not None
         assert status.error_info.metadata["deadlineSeconds"] == "0.5"
     await eventually(lambda: edge.handled(CREATE_LABELS, "DEADLINE_EXCEEDED") == 2, "counted")
     lines = edge.audit_lines()
     assert [(a["code"], a["reason"], a["user"]) for a in lines[:2]] == [
-        ("DEADLINE_EXCEEDED", "DEFAULT_DEADLINE_EXCEEDED", CALLER)
+        ("DEADLINE_EXCEEDED", Reason.DEFAULT_DEADLINE_EXCEEDED, CALLER)
     ] * 2
     assert {(a["namespace"], a["serviceAccount"]) for a in lines} == {(NAMESPACE, SERVICE_ACCOUNT)}
     assert lines[2]["code"] == "OK"
-    assert len(edge.access_lines(reason="DEFAULT_DEADLINE_EXCEEDED")) == 2
+    assert len(edge.access_lines(reason=Reason.DEFAULT_DEADLINE_EXCEEDED)) == 2
     assert emulator.token_request_count == 1
 
 

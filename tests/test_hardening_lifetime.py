@@ -41,6 +41,7 @@ from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 from broker.identity import Identity
 from broker.policy import DEV_POLICY_FILE, Policy
+from broker.reasons import Reason
 from broker.server import BrokerServer
 from broker.upstream import UpstreamClient
 
@@ -270,7 +271,7 @@ async def test_a_minted_token_longer_than_the_rule_allows_is_refused_and_never_c
             "broker withheld it: it was not handed out and not cached"
         )
         assert status.error_info is not None
-        assert status.error_info.reason == "TOKEN_LIFETIME_EXCEEDS_POLICY"
+        assert status.error_info.reason == Reason.TOKEN_LIFETIME_EXCEEDS_POLICY
         assert status.error_info.domain == "tokenbroker.dev"
         assert dict(status.error_info.metadata) == {
             "rule": RULE,
@@ -287,14 +288,16 @@ async def test_a_minted_token_longer_than_the_rule_allows_is_refused_and_never_c
     assert [line["jti"] for line in lines] == [first] * 4 + [second]
     for line in lines:
         assert line["decision"] == "error"
-        assert line["reason"] == "TOKEN_LIFETIME_EXCEEDS_POLICY"
+        assert line["reason"] == Reason.TOKEN_LIFETIME_EXCEEDS_POLICY
         assert line["code"] == "FAILED_PRECONDITION"
         assert line["upstreamStatus"] == 201
         assert line["rule"] == RULE
         assert line["grantedExpirationSeconds"] == 3607  # what the TokenRequest says
         assert line["tokenLifetimeSeconds"] == ONE_YEAR  # what the token is valid for
     assert (
-        broker.metric("token_broker_tokens_withheld_total", reason="TOKEN_LIFETIME_EXCEEDS_POLICY")
+        broker.metric(
+            "token_broker_tokens_withheld_total", reason=Reason.TOKEN_LIFETIME_EXCEEDS_POLICY
+        )
         == 5
     )
     assert broker.metric("token_broker_tokens_issued_total", namespace=NAMESPACE) == 0
@@ -326,7 +329,7 @@ async def test_a_cached_token_is_checked_against_the_rule_in_force(
         assert await broker.server.policy.reload()
         status = await call_error(stub, request, timeout=30)
         assert status.error_info is not None
-        assert status.error_info.reason == "TOKEN_LIFETIME_EXCEEDS_POLICY"
+        assert status.error_info.reason == Reason.TOKEN_LIFETIME_EXCEEDS_POLICY
         assert emulator.token_request_count == 1
         assert len(broker.server.cache) == 0
         hit = broker.audit_lines()[1]
@@ -336,5 +339,5 @@ async def test_a_cached_token_is_checked_against_the_rule_in_force(
         # The next call mints again (and that token is refused too).
         status = await call_error(stub, request, timeout=30)
         assert status.error_info is not None
-        assert status.error_info.reason == "TOKEN_LIFETIME_EXCEEDS_POLICY"
+        assert status.error_info.reason == Reason.TOKEN_LIFETIME_EXCEEDS_POLICY
         assert emulator.token_request_count == 2

@@ -33,6 +33,7 @@ from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 from broker.identity import Identity
 from broker.policy import Policy, PolicyError
 from broker.policy_reload import PolicyStore
+from broker.reasons import Reason
 from broker.server import BrokerServer
 from broker.spiffe import SpiffePattern, spiffe_id_problem
 
@@ -129,7 +130,7 @@ async def make_broker(
 def denied(status: RichStatus | None) -> bool:
     assert status is not None, "a token was issued"
     assert status.code == grpc.StatusCode.PERMISSION_DENIED, status
-    assert status.error_info is not None and status.error_info.reason == "NO_MATCHING_RULE"
+    assert status.error_info is not None and status.error_info.reason == Reason.NO_MATCHING_RULE
     return True
 
 
@@ -159,7 +160,11 @@ async def test_spiffe_rule_refuses_every_name_that_is_not_its_spiffe_id(
     broker = await make_broker([CI_RULE])
     assert denied(await broker.create(**names))
     line = broker.last_audit()
-    assert (line["decision"], line["reason"], line["rule"]) == ("denied", "NO_MATCHING_RULE", None)
+    assert (line["decision"], line["reason"], line["rule"]) == (
+        "denied",
+        Reason.NO_MATCHING_RULE,
+        None,
+    )
 
 
 async def test_spiffe_rule_allows_its_spiffe_id_and_says_which_field(

@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker.config import KubernetesSettings, MetricsSettings
 from broker.emulator import Emulator
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
+from broker.reasons import ALLOWED, Reason
 from broker.server import SERVICE_NAME, BrokerServer
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -101,7 +102,7 @@ async def test_exact_counts_after_a_known_sequence_of_calls(
     # 1 refused by policy.
     denied = await call_error(stub, create_request(audiences=["https://nope.example"]))
     assert denied.code == grpc.StatusCode.PERMISSION_DENIED
-    assert denied.error_info is not None and denied.error_info.reason == "AUDIENCE_NOT_ALLOWED"
+    assert denied.error_info is not None and denied.error_info.reason == Reason.AUDIENCE_NOT_ALLOWED
     # 2 unauthenticated: no credentials, and an unknown API key.
     async with aio.insecure_channel(server.address) as bare:
         missing = await call_error(pb_grpc.TokenBrokerServiceStub(bare), create_request())
@@ -168,12 +169,12 @@ async def test_exact_counts_after_a_known_sequence_of_calls(
     assert value(samples, "token_broker_upstream_request_duration_seconds_count") == 8
     assert value(samples, "token_broker_upstream_retries_total") == 4
     assert series(samples, "token_broker_policy_decisions_total") == {
-        frozenset({("result", "allowed"), ("reason", "ALLOWED")}): 4,
-        frozenset({("result", "denied"), ("reason", "AUDIENCE_NOT_ALLOWED")}): 1,
+        frozenset({("result", "allowed"), ("reason", ALLOWED)}): 4,
+        frozenset({("result", "denied"), ("reason", Reason.AUDIENCE_NOT_ALLOWED)}): 1,
     }
     assert series(samples, "token_broker_authentication_failures_total") == {
-        frozenset({("method", "none"), ("reason", "CREDENTIALS_MISSING")}): 1,
-        frozenset({("method", "apiKey"), ("reason", "CREDENTIALS_INVALID")}): 1,
+        frozenset({("method", "none"), ("reason", Reason.CREDENTIALS_MISSING)}): 1,
+        frozenset({("method", "apiKey"), ("reason", Reason.CREDENTIALS_INVALID)}): 1,
     }
     assert value(samples, "token_broker_in_flight_requests") == 0
     assert value(samples, "token_broker_policy_reloads_total") == 0

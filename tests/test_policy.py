@@ -22,6 +22,7 @@ from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.identity import Identity
 from broker.policy import DEV_POLICY_FILE, Decision, Policy, PolicyError
 from broker.policy_reload import PolicyStore
+from broker.reasons import ALLOWED, Reason
 
 CI = Identity(method="mtls", name="spiffe://example.org/ci/runner")
 GITHUB = "https://token.actions.githubusercontent.com"
@@ -73,7 +74,7 @@ def denied(decision: Decision, reason: str) -> Decision:
 
 def test_allowed_with_the_rule_and_the_grant() -> None:
     d = policy().decide(CI, req(audiences=["https://sts.example.com"], expiration_seconds=900))
-    assert d.allowed and d.reason == "ALLOWED" and d.rule == "ci-deploys"
+    assert d.allowed and d.reason == ALLOWED and d.rule == "ci-deploys"
     assert d.audiences == ("https://sts.example.com",)
     assert d.expiration_seconds == 900
     assert d.warnings == ()
@@ -91,11 +92,11 @@ def test_allowed_with_the_rule_and_the_grant() -> None:
     ],
 )
 def test_no_matching_rule(identity: Identity, namespace: str, service_account: str) -> None:
-    d = denied(policy().decide(identity, req(namespace, service_account)), "NO_MATCHING_RULE")
+    d = denied(policy().decide(identity, req(namespace, service_account)), Reason.NO_MATCHING_RULE)
     assert d.rule is None
     err = d.error()
     assert err.code == grpc.StatusCode.PERMISSION_DENIED
-    assert err.reason == "NO_MATCHING_RULE"
+    assert err.reason == Reason.NO_MATCHING_RULE
     assert dict(err.metadata) == {}  # nothing about the rules
     assert "ci-deploys" not in err.message and "vault" not in err.message
     assert f'"{namespace}"' in err.message and f'"{service_account}"' in err.message
@@ -103,7 +104,7 @@ def test_no_matching_rule(identity: Identity, namespace: str, service_account: s
 
 def test_an_empty_policy_denies_everything() -> None:
     d = Policy.from_dict({"rules": []}).decide(CI, req())
-    denied(d, "NO_MATCHING_RULE")
+    denied(d, Reason.NO_MATCHING_RULE)
 
 
 def test_globs() -> None:
@@ -120,7 +121,7 @@ def test_first_matching_rule_decides_even_when_it_denies() -> None:
     strict = rule(name="strict", boundObject={"required": True})
     lenient = rule(name="lenient")
     d = policy(strict, lenient).decide(CI, req())
-    denied(d, "BOUND_OBJECT_REQUIRED")
+    denied(d, Reason.BOUND_OBJECT_REQUIRED)
     assert d.rule == "strict"
     # Reordered, the lenient rule decides.
     assert policy(lenient, strict).decide(CI, req()).rule == "lenient"
@@ -195,21 +196,21 @@ def test_jwt_subjects(identity: Identity, allowed: bool) -> None:
 
 
 def test_dry_run() -> None:
-    denied(policy().decide(CI, req(dry_run=["All"])), "DRY_RUN_NOT_ALLOWED")
+    denied(policy().decide(CI, req(dry_run=["All"])), Reason.DRY_RUN_NOT_ALLOWED)
     assert policy(rule(allowDryRun=True)).decide(CI, req(dry_run=["All"])).allowed
 
 
 def test_bound_object_required_and_kinds() -> None:
     required = policy(rule(boundObject={"required": True, "kinds": ["Pod"]}))
-    d = denied(required.decide(CI, req()), "BOUND_OBJECT_REQUIRED")
+    d = denied(required.decide(CI, req()), Reason.BOUND_OBJECT_REQUIRED)
     assert "bound_object_ref" in d.message and "Pod" in d.message
     assert required.decide(CI, req(bound=pod())).allowed
-    d = denied(required.decide(CI, req(bound=pod("s1", "Secret"))), "BOUND_KIND_NOT_ALLOWED")
+    d = denied(required.decide(CI, req(bound=pod("s1", "Secret"))), Reason.BOUND_KIND_NOT_ALLOWED)
     assert '"Secret"' in d.message
     # Not required, but a bound token must still be of an allowed kind.
     optional = policy(rule(boundObject={"kinds": ["Secret", "Node"]}))
     assert optional.decide(CI, req()).allowed
-    denied(optional.decide(CI, req(bound=pod())), "BOUND_KIND_NOT_ALLOWED")
+    denied(optional.decide(CI, req(bound=pod())), Reason.BOUND_KIND_NOT_ALLOWED)
     # Default: not required, every kind.
     for kind in ("Pod", "Secret", "Node"):
         assert policy().decide(CI, req(bound=pod("x", kind))).allowed
@@ -217,7 +218,7 @@ def test_bound_object_required_and_kinds() -> None:
 
 def test_audience_required_unless_the_rule_allows_the_api_servers_own() -> None:
     p = policy(rule(defaultAudiences=[]))
-    d = denied(p.decide(CI, req()), "AUDIENCE_REQUIRED")
+    d = denied(p.decide(CI, req()), Reason.AUDIENCE_REQUIRED)
     assert "token_request.spec.audiences" in d.message
     d = policy(rule(defaultAudiences=[], allowApiServerAudience=True)).decide(CI, req())
     assert d.allowed and d.audiences == ()
@@ -236,12 +237,12 @@ def test_default_audiences_and_requested_ones() -> None:
 
 def test_audience_not_allowed_does_not_reveal_the_allowlist() -> None:
     d = denied(
-        policy().decide(CI, req(audiences=["vault", "evil", "worse"])), "AUDIENCE_NOT_ALLOWED"
+        policy().decide(CI, req(audiences=["vault", "evil", "worse"])), Reason.AUDIENCE_NOT_ALLOWED
     )
     assert d.message == 'audience "evil" is not allowed for this service account (and 1 more)'
     assert "sts.example.com" not in d.error().message
     # Exact strings, not globs.
-    denied(policy().decide(CI, req(audiences=["vaul*"])), "AUDIENCE_NOT_ALLOWED")
+    denied(policy().decide(CI, req(audiences=["vaul*"])), Reason.AUDIENCE_NOT_ALLOWED)
 
 
 def test_expiration_capped_with_the_api_servers_warning() -> None:
@@ -260,7 +261,7 @@ def test_expiration_capped_with_the_api_servers_warning() -> None:
 
 def test_expiration_rejected() -> None:
     p = policy(rule(maxExpiration="30m", onLongerExpiration="reject"))
-    d = denied(p.decide(CI, req(expiration_seconds=1801)), "EXPIRATION_TOO_LONG")
+    d = denied(p.decide(CI, req(expiration_seconds=1801)), Reason.EXPIRATION_TOO_LONG)
     assert d.message == (
         "requested expiration of 1801 seconds is longer than the maximum of 1800 seconds "
         "for this service account"
@@ -287,7 +288,9 @@ def test_absent_expiration_stays_absent_and_counts_as_3600() -> None:
     assert d.warnings == ("requested expiration of 3600 seconds shortened to 1200 seconds",)
     # ... or refused.
     d = policy(rule(maxExpiration="20m", onLongerExpiration="reject")).decide(CI, req())
-    assert denied(d, "EXPIRATION_TOO_LONG").message.startswith("default expiration of 3600 seconds")
+    assert denied(d, Reason.EXPIRATION_TOO_LONG).message.startswith(
+        "default expiration of 3600 seconds"
+    )
 
 
 @pytest.mark.parametrize(
@@ -297,21 +300,21 @@ def test_absent_expiration_stays_absent_and_counts_as_3600() -> None:
         (
             {"boundObject": {"required": True}, "defaultAudiences": []},
             {"dry_run": ["All"], "expiration_seconds": 99999},
-            "DRY_RUN_NOT_ALLOWED",
+            Reason.DRY_RUN_NOT_ALLOWED,
         ),
         (
             {"boundObject": {"required": True}, "allowDryRun": True, "defaultAudiences": []},
             {"dry_run": ["All"], "expiration_seconds": 99999},
-            "BOUND_OBJECT_REQUIRED",
+            Reason.BOUND_OBJECT_REQUIRED,
         ),
         (
             {"boundObject": {"kinds": ["Node"]}, "defaultAudiences": []},
             {"bound": pod(), "expiration_seconds": 99999},
-            "BOUND_KIND_NOT_ALLOWED",
+            Reason.BOUND_KIND_NOT_ALLOWED,
         ),
-        ({"defaultAudiences": []}, {"expiration_seconds": 99999}, "AUDIENCE_REQUIRED"),
-        ({}, {"audiences": ["x"], "expiration_seconds": 99999}, "AUDIENCE_NOT_ALLOWED"),
-        ({}, {"expiration_seconds": 99999}, "EXPIRATION_TOO_LONG"),
+        ({"defaultAudiences": []}, {"expiration_seconds": 99999}, Reason.AUDIENCE_REQUIRED),
+        ({}, {"audiences": ["x"], "expiration_seconds": 99999}, Reason.AUDIENCE_NOT_ALLOWED),
+        ({}, {"expiration_seconds": 99999}, Reason.EXPIRATION_TOO_LONG),
     ],
 )
 def test_check_order(
@@ -496,7 +499,7 @@ def test_the_dev_policy() -> None:
     assert d.expiration_seconds == 86400 and d.warnings
     assert not p.decide(Identity(method="apiKey", name="other"), req("demo", "x")).allowed
     assert not p.decide(CI, req("kube-system", "x")).allowed
-    denied(p.decide(CI, req("demo", "x", audiences=["other"])), "AUDIENCE_NOT_ALLOWED")
+    denied(p.decide(CI, req("demo", "x", audiences=["other"])), Reason.AUDIENCE_NOT_ALLOWED)
 
 
 def test_policy_settings() -> None:

@@ -17,7 +17,8 @@ from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.identity import Identity
 from broker.policy import Policy, PolicyError
 from broker.policy_schema import RuleRateLimit
-from broker.ratelimit import REASON_RATE_LIMITED, RateLimiter
+from broker.ratelimit import RateLimiter
+from broker.reasons import Reason
 
 ALICE = Identity(method="apiKey", name="alice")
 BOB = Identity(method="apiKey", name="bob")
@@ -228,7 +229,7 @@ async def test_caller_refusal_details() -> None:
     found = details(err)
     info = found["ErrorInfo"]
     assert (info.reason, info.domain, dict(info.metadata)) == (
-        REASON_RATE_LIMITED,
+        Reason.RATE_LIMITED,
         ERROR_DOMAIN,
         {"scope": "caller"},
     )

@@ -43,9 +43,8 @@ from broker.emulator import Emulator
 from broker.errors import ERROR_DOMAIN, RETRY_PUSHBACK_TRAILER, RichStatus, rich_status_from_call
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
-from broker.ratelimit import REASON_RATE_LIMITED
+from broker.reasons import Reason
 from broker.server import BrokerServer
-from broker.upstream_guard import REASON_UPSTREAM_BUSY, REASON_UPSTREAM_THROTTLED
 
 NO_LIMITS: dict[str, Any] = {"perCaller": None, "perServiceAccount": None, "global": None}
 REFUSALS = "token_broker_rate_limit_refusals_total"
@@ -152,7 +151,7 @@ async def test_per_caller_limit_refusal_isolation_and_metric(
 
         assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert status.error_info is not None
-        assert status.error_info.reason == REASON_RATE_LIMITED
+        assert status.error_info.reason == Reason.RATE_LIMITED
         assert dict(status.error_info.metadata) == {"scope": "caller"}
         assert 0 < retry_seconds(status) <= 1.0  # one request's share of 1/s
         assert status.quota_failure is not None
@@ -195,7 +194,7 @@ async def test_policy_rule_override(
         assert await outcome(stub) is None
         status = await call_error(stub, create_request())
     assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert reason(status) == REASON_RATE_LIMITED
+    assert reason(status) == Reason.RATE_LIMITED
     assert "(1/s, burst 1)" in status.message  # the rule's limit, not the settings' burst 3
     assert status.quota_failure is not None
     assert "burst 1" in status.quota_failure.violations[0].description
@@ -233,7 +232,7 @@ async def test_upstream_concurrency_cap(
     assert len(busy) == 6
     for status in busy:
         assert status.code == grpc.StatusCode.UNAVAILABLE, status
-        assert reason(status) == REASON_UPSTREAM_BUSY
+        assert reason(status) == Reason.UPSTREAM_BUSY
         assert status.error_info is not None
         assert status.error_info.metadata["maxConcurrent"] == "2"
         assert retry_seconds(status) > 0
@@ -267,7 +266,7 @@ async def test_upstream_wait_ends_before_the_callers_deadline(
             held = await asyncio.gather(*holders)
     # Refused by the broker with time to spare, not cut by the deadline.
     assert status.code == grpc.StatusCode.UNAVAILABLE, status
-    assert reason(status) == REASON_UPSTREAM_BUSY
+    assert reason(status) == Reason.UPSTREAM_BUSY
     assert retry_seconds(status) > 0
     assert held == [None, None]
     assert emulator.token_request_count == 2
@@ -290,13 +289,13 @@ async def test_429_holds_the_service_account_back(
         relayed = await call_error(stub, create_request())
         assert relayed.code == grpc.StatusCode.UNAVAILABLE
         assert relayed.error_info is not None
-        assert relayed.error_info.reason == "KUBERNETES_TOO_MANY_REQUESTS"
+        assert relayed.error_info.reason == Reason.KUBERNETES_TOO_MANY_REQUESTS
         assert retry_seconds(relayed) == 30  # the API server's own Retry-After
         assert emulator.token_request_count == 1
 
         early = await call_error(stub, create_request())
         assert early.code == grpc.StatusCode.UNAVAILABLE
-        assert reason(early) == REASON_UPSTREAM_THROTTLED
+        assert reason(early) == Reason.UPSTREAM_THROTTLED
         assert early.error_info is not None
         assert dict(early.error_info.metadata) == {
             "namespace": "demo",
@@ -381,7 +380,7 @@ async def test_two_brokers_share_limits_in_redis_and_survive_its_restart(
         assert results.count(None) == GLOBAL_BURST
         for status in (r for r in results if r is not None):
             assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED, status
-            assert reason(status) == REASON_RATE_LIMITED
+            assert reason(status) == Reason.RATE_LIMITED
             assert status.error_info is not None
             assert dict(status.error_info.metadata) == {"scope": "global"}
             assert retry_seconds(status) > 0
@@ -394,7 +393,7 @@ async def test_two_brokers_share_limits_in_redis_and_survive_its_restart(
         for stub in stubs:
             local = [await outcome(stub) for _ in range(GLOBAL_BURST + 1)]
             assert local[:GLOBAL_BURST] == [None] * GLOBAL_BURST
-            assert reason(local[-1]) == REASON_RATE_LIMITED
+            assert reason(local[-1]) == Reason.RATE_LIMITED
         assert emulator.token_request_count == 3 * GLOBAL_BURST
         for process in (first, second):
             index = await process.wait_for("is unavailable", stream="stderr")
@@ -408,7 +407,7 @@ async def test_two_brokers_share_limits_in_redis_and_survive_its_restart(
         for stub, process in zip(stubs, (first, second), strict=True):
             deadline = time.monotonic() + 10
             while (refused := await outcome(stub)) is not None:
-                assert reason(refused) == REASON_RATE_LIMITED
+                assert reason(refused) == Reason.RATE_LIMITED
                 assert time.monotonic() < deadline, "the broker did not go back to Redis"
                 await asyncio.sleep(0.05)
             await process.wait_for("available again", stream="stderr")
@@ -453,8 +452,8 @@ async def test_429_also_holds_back_calls_already_waiting_for_a_slot(
         relayed, held_back = await asyncio.gather(first, second)
     assert relayed is not None and relayed.code == grpc.StatusCode.UNAVAILABLE
     assert relayed.error_info is not None
-    assert relayed.error_info.reason == "KUBERNETES_TOO_MANY_REQUESTS"
+    assert relayed.error_info.reason == Reason.KUBERNETES_TOO_MANY_REQUESTS
     # The call that waited for the slot during the 429 is refused without calling the API.
     assert held_back is not None, "the waiting call went to the API server inside the window"
-    assert reason(held_back) == REASON_UPSTREAM_THROTTLED
+    assert reason(held_back) == Reason.UPSTREAM_THROTTLED
     assert emulator.token_request_count == 1

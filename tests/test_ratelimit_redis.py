@@ -21,10 +21,9 @@ from broker.config import ConfigError, RateLimitSettings
 from broker.errors import BrokerError
 from broker.identity import Identity
 from broker.ratelimit import (
-    REASON_RATE_LIMIT_UNAVAILABLE,
-    REASON_RATE_LIMITED,
     RateLimiter,
 )
+from broker.reasons import Reason
 
 ALICE = Identity(method="apiKey", name="alice")
 BOB = Identity(method="apiKey", name="bob")
@@ -72,7 +71,7 @@ async def admitted(limiter: RateLimiter, n: int, identity: Identity = ALICE, sa:
         try:
             await limiter.check(identity, NS, sa)
         except BrokerError as err:
-            assert err.reason == REASON_RATE_LIMITED, err
+            assert err.reason == Reason.RATE_LIMITED, err
             continue
         count += 1
     return count
@@ -121,7 +120,7 @@ async def test_concurrent_replicas_admit_no_more_than_burst_plus_rate(
             try:
                 await limiter.check(identity, NS, SA)
             except BrokerError as err:
-                assert err.reason == REASON_RATE_LIMITED
+                assert err.reason == Reason.RATE_LIMITED
             else:
                 admitted_at.append(time.monotonic())
 
@@ -228,7 +227,7 @@ async def test_redis_down_with_refuse(redis_server: RedisServer, make_limiter) -
             await limiter.check(ALICE, NS, SA)
         err = info.value
         assert err.code == grpc.StatusCode.UNAVAILABLE
-        assert err.reason == REASON_RATE_LIMIT_UNAVAILABLE
+        assert err.reason == Reason.RATE_LIMIT_UNAVAILABLE
         assert err.retry_after == pytest.approx(expected)  # until Redis is tried again
         assert dict(err.trailing_metadata())["grpc-retry-pushback-ms"] == str(int(expected * 1000))
         clock.advance(2.0)
@@ -339,7 +338,7 @@ async def test_tls_to_redis_checks_the_server_and_presents_a_client_cert(
     async def refused(made: RateLimiter) -> None:
         with pytest.raises(BrokerError) as info:
             await made.check(ALICE, NS, SA)
-        assert info.value.reason == REASON_RATE_LIMIT_UNAVAILABLE
+        assert info.value.reason == Reason.RATE_LIMIT_UNAVAILABLE
         assert made.redis_available is False
 
     front = TlsFront(redis_server.port, server.cert, server.key, client_ca=client.ca_file)

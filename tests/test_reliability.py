@@ -81,8 +81,9 @@ from broker.errors import (
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 from broker.logs import extra_fields
+from broker.reasons import Reason
 from broker.server import SERVICE_NAME, BrokerServer
-from broker.validation import REASON_REQUEST_INVALID, validate_create_token
+from broker.validation import validate_create_token
 
 OK = grpc.StatusCode.OK
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -402,15 +403,15 @@ FAULTS = {
     # kind: (inject count, ErrorInfo reason, domain) of the final refusal
     "500": (
         lambda e, n: e.faults.fail_next(n, 500),
-        "KUBERNETES_INTERNAL_ERROR",
+        Reason.KUBERNETES_INTERNAL_ERROR,
         KUBERNETES_DOMAIN,
     ),
     "503": (
         lambda e, n: e.faults.fail_next(n, 503),
-        "KUBERNETES_SERVICE_UNAVAILABLE",
+        Reason.KUBERNETES_SERVICE_UNAVAILABLE,
         KUBERNETES_DOMAIN,
     ),
-    "drop": (lambda e, n: e.faults.drop_next(n), "KUBERNETES_UNREACHABLE", ERROR_DOMAIN),
+    "drop": (lambda e, n: e.faults.drop_next(n), Reason.KUBERNETES_UNREACHABLE, ERROR_DOMAIN),
 }
 
 
@@ -467,14 +468,14 @@ async def test_fault_429_retry_after_beyond_the_deadline(rig: Rig) -> None:
         rig.emulator.faults.fail_next(1, 429, retry_after=5)
         status = await call(rig.stub, timeout=1.0)
         assert status is not None and status.code == grpc.StatusCode.UNAVAILABLE, status
-        assert reason_of(status) == "KUBERNETES_TOO_MANY_REQUESTS"
+        assert reason_of(status) == Reason.KUBERNETES_TOO_MANY_REQUESTS
         assert retry_seconds(status) == 5
         assert rig.emulator.token_request_count == 1
         # The service account is held back for the Retry-After, without calling the API
         # server; other service accounts are not (the recovery call).
         status = await call(rig.stub, timeout=10)
         assert status is not None and status.code == grpc.StatusCode.UNAVAILABLE, status
-        assert reason_of(status) == "UPSTREAM_THROTTLED"
+        assert reason_of(status) == Reason.UPSTREAM_THROTTLED
         assert rig.emulator.token_request_count == 1
 
 
@@ -484,7 +485,7 @@ async def test_fault_emulator_down_then_back(rig: Rig) -> None:
         await rig.emulator.stop()
         status = await call(rig.stub)
         assert status is not None and status.code == grpc.StatusCode.UNAVAILABLE, status
-        assert reason_of(status) == "KUBERNETES_UNREACHABLE"
+        assert reason_of(status) == Reason.KUBERNETES_UNREACHABLE
         assert retry_seconds(status) > 0
         assert rig.emulator.token_request_count == 0
         await rig.emulator.start()  # same port, CA and signing key
@@ -699,7 +700,7 @@ async def test_fuzz_every_request_field(fuzz_rig: FuzzRig, req: pb.CreateTokenRe
     code = code_of(status)
     assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), status
     refused_as_invalid = code == grpc.StatusCode.INVALID_ARGUMENT and (
-        reason_of(status) == REASON_REQUEST_INVALID
+        reason_of(status) == Reason.REQUEST_INVALID
     )
     # INVALID_ARGUMENT (REQUEST_INVALID) exactly when the broker's own validation refuses.
     assert refused_as_invalid == (expected is not None), (status, expected)
@@ -807,9 +808,9 @@ async def test_overload_burst_far_above_the_limits(
         assert codes[OK] >= 1 and codes[grpc.StatusCode.RESOURCE_EXHAUSTED] >= 1, codes
         for status in outcomes:
             if code_of(status) == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                assert reason_of(status) == "RATE_LIMITED", status
+                assert reason_of(status) == Reason.RATE_LIMITED, status
             elif code_of(status) == grpc.StatusCode.UNAVAILABLE:
-                assert reason_of(status) == "UPSTREAM_BUSY", status
+                assert reason_of(status) == Reason.UPSTREAM_BUSY, status
         # One caller: at most its burst plus its rate over the run got through (GCRA; the
         # global limit is larger), each with exactly one request to the API server.
         assert codes[OK] <= PER_CALLER["burst"] + PER_CALLER["rate"] * elapsed + 1, codes

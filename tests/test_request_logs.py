@@ -28,6 +28,7 @@ from broker.emulator import Emulator
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 from broker.logs import bind_request_id, current_request_id, setup_logging
 from broker.observe import loggable
+from broker.reasons import Reason
 from broker.server import BrokerServer
 
 ACCESS = "broker.access"
@@ -128,14 +129,14 @@ async def test_refusals_log_code_reason_and_request_id(
     request_id = authn["request_id"]  # a generated one: the caller sent none
     access = await access_line(logs, request_id=request_id)
     assert access["grpc_code"] == "UNAUTHENTICATED"
-    assert access["reason"] == "CREDENTIALS_INVALID"
+    assert access["reason"] == Reason.CREDENTIALS_INVALID
     assert "user" not in access
     assert "tbk_wrong-key" not in logs.getvalue()
 
     status = await call_error(stub, create_request(audiences=["https://nope.example"]))
     assert status.error_info is not None
     denied = await access_line(logs, grpc_code="PERMISSION_DENIED")
-    assert denied["reason"] == "AUDIENCE_NOT_ALLOWED"
+    assert denied["reason"] == Reason.AUDIENCE_NOT_ALLOWED
     assert denied["user"] == CALLER
 
 

@@ -28,8 +28,9 @@ from broker.emulator import Emulator
 from broker.errors import ERROR_DOMAIN, KUBERNETES_DOMAIN, BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
+from broker.reasons import Reason, kubernetes_reason
 from broker.server import BrokerServer
-from broker.upstream import UpstreamClient, kubernetes_reason, parse_warnings
+from broker.upstream import UpstreamClient, parse_warnings
 
 
 def retry_seconds(status: object) -> float:
@@ -81,7 +82,7 @@ async def test_429_retry_after_longer_than_we_wait(
     assert status.code == grpc.StatusCode.UNAVAILABLE
     assert status.message == "Too many requests, please try again later."
     assert status.error_info is not None
-    assert status.error_info.reason == "KUBERNETES_TOO_MANY_REQUESTS"
+    assert status.error_info.reason == Reason.KUBERNETES_TOO_MANY_REQUESTS
     assert status.error_info.domain == KUBERNETES_DOMAIN
     assert status.error_info.metadata["kubernetesCode"] == "429"
     assert retry_seconds(status) == 30
@@ -107,7 +108,7 @@ async def test_retries_exhausted(stub: pb_grpc.TokenBrokerServiceStub, emulator:
     status = await call_error(stub, create_request())
     assert status.code == grpc.StatusCode.UNAVAILABLE
     assert status.error_info is not None
-    assert status.error_info.reason == "KUBERNETES_SERVICE_UNAVAILABLE"
+    assert status.error_info.reason == Reason.KUBERNETES_SERVICE_UNAVAILABLE
     assert status.error_info.domain == KUBERNETES_DOMAIN
     assert status.error_info.metadata["kubernetesCode"] == "503"
     assert retry_seconds(status) > 0
@@ -121,7 +122,7 @@ async def test_500_relayed_after_retries(
     status = await call_error(stub, create_request())
     assert status.code == grpc.StatusCode.UNAVAILABLE
     assert status.error_info is not None
-    assert status.error_info.reason == "KUBERNETES_INTERNAL_ERROR"
+    assert status.error_info.reason == Reason.KUBERNETES_INTERNAL_ERROR
     assert emulator.token_request_count == 4  # TEST_RETRY max_attempts
 
 
@@ -161,7 +162,7 @@ async def test_no_deadline_uses_configured_timeout(
         with pytest.raises(BrokerError) as info:
             await client.create_token(NAMESPACE, SERVICE_ACCOUNT, pb.TokenRequest())
         assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert (info.value.reason, info.value.domain) == ("UPSTREAM_TIMEOUT", ERROR_DOMAIN)
+        assert (info.value.reason, info.value.domain) == (Reason.UPSTREAM_TIMEOUT, ERROR_DOMAIN)
         assert emulator.token_request_count == 1
     finally:
         emulator.faults.latency = 0.0
@@ -175,7 +176,7 @@ async def test_emulator_down(stub: pb_grpc.TokenBrokerServiceStub, emulator: Emu
     assert status.message == "the Kubernetes API server is unreachable"
     assert status.error_info is not None
     assert (status.error_info.reason, status.error_info.domain) == (
-        "KUBERNETES_UNREACHABLE",
+        Reason.KUBERNETES_UNREACHABLE,
         ERROR_DOMAIN,
     )
     assert retry_seconds(status) > 0
@@ -207,7 +208,7 @@ async def test_wrong_broker_token(
     assert status.message == UNAUTHORIZED_MESSAGE
     assert status.error_info is not None
     assert (status.error_info.reason, status.error_info.domain) == (
-        "KUBERNETES_UNAUTHORIZED",
+        Reason.KUBERNETES_UNAUTHORIZED,
         KUBERNETES_DOMAIN,
     )
     assert status.error_info.metadata["kubernetesCode"] == "401"
@@ -222,7 +223,7 @@ async def test_broker_user_removed(
     assert status.code == grpc.StatusCode.UNAVAILABLE
     assert status.message == UNAUTHORIZED_MESSAGE
     assert status.error_info is not None
-    assert status.error_info.reason == "KUBERNETES_UNAUTHORIZED"
+    assert status.error_info.reason == Reason.KUBERNETES_UNAUTHORIZED
 
 
 # --- API-server validation relayed (upstream client used directly, bypassing ours) --------
@@ -236,7 +237,7 @@ async def test_422_causes_become_field_violations(broker: RunningBroker) -> None
         'TokenRequest.authentication.k8s.io "" is invalid: spec.expirationSeconds: '
         "Invalid value: 60: may not specify a duration less than 10 minutes"
     )
-    assert (err.reason, err.domain) == ("KUBERNETES_INVALID", KUBERNETES_DOMAIN)
+    assert (err.reason, err.domain) == (Reason.KUBERNETES_INVALID, KUBERNETES_DOMAIN)
     assert err.metadata["kubernetesReason"] == "Invalid"
     assert err.metadata["kubernetesCode"] == "422"
     assert err.metadata["kubernetesKind"] == "TokenRequest"
@@ -267,7 +268,7 @@ async def test_400_namespace_mismatch(broker: RunningBroker) -> None:
     assert err.message == (
         "the namespace of the provided object does not match the namespace sent on the request"
     )
-    assert err.reason == "KUBERNETES_BAD_REQUEST"
+    assert err.reason == Reason.KUBERNETES_BAD_REQUEST
     assert not err.field_violations
 
 
@@ -275,11 +276,11 @@ async def test_400_namespace_mismatch(broker: RunningBroker) -> None:
 
 
 def test_kubernetes_reason_names() -> None:
-    assert kubernetes_reason("NotFound") == "KUBERNETES_NOT_FOUND"
-    assert kubernetes_reason("TooManyRequests") == "KUBERNETES_TOO_MANY_REQUESTS"
-    assert kubernetes_reason("InternalError") == "KUBERNETES_INTERNAL_ERROR"
-    assert kubernetes_reason("ServiceUnavailable") == "KUBERNETES_SERVICE_UNAVAILABLE"
-    assert kubernetes_reason("") == "KUBERNETES_UNKNOWN"
+    assert kubernetes_reason("NotFound") == Reason.KUBERNETES_NOT_FOUND
+    assert kubernetes_reason("TooManyRequests") == Reason.KUBERNETES_TOO_MANY_REQUESTS
+    assert kubernetes_reason("InternalError") == Reason.KUBERNETES_INTERNAL_ERROR
+    assert kubernetes_reason("ServiceUnavailable") == Reason.KUBERNETES_SERVICE_UNAVAILABLE
+    assert kubernetes_reason("") == Reason.KUBERNETES_UNKNOWN
     assert len(kubernetes_reason("X" * 200)) <= 63
 
 

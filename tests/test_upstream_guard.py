@@ -13,9 +13,8 @@ import pytest
 
 from broker.config import UpstreamLimitSettings
 from broker.errors import KUBERNETES_DOMAIN, BrokerError
+from broker.reasons import Reason
 from broker.upstream_guard import (
-    REASON_UPSTREAM_BUSY,
-    REASON_UPSTREAM_THROTTLED,
     UpstreamGuard,
 )
 
@@ -115,7 +114,7 @@ async def test_the_wait_is_bounded_by_max_wait() -> None:
             raise AssertionError("got a slot")
     err = info.value
     assert err.code == grpc.StatusCode.UNAVAILABLE
-    assert err.reason == REASON_UPSTREAM_BUSY
+    assert err.reason == Reason.UPSTREAM_BUSY
     assert err.metadata == {"maxConcurrent": "1"}
     assert err.retry_after == 1.0
     assert dict(err.trailing_metadata())["grpc-retry-pushback-ms"] == "1000"
@@ -137,7 +136,7 @@ async def test_the_wait_ends_before_the_callers_deadline() -> None:
     with pytest.raises(BrokerError) as info:
         async with guard.slot(NS, SA, timeout=0.05):
             raise AssertionError("got a slot")
-    assert info.value.reason == REASON_UPSTREAM_BUSY
+    assert info.value.reason == Reason.UPSTREAM_BUSY
     # The remaining deadline minus the margin bounds the wait (here 0.15 - 0.1).
     with pytest.raises(BrokerError):
         async with guard.slot(NS, SA, timeout=0.15):
@@ -205,7 +204,7 @@ async def test_retry_after_refuses_the_target_early() -> None:
             raise AssertionError("called the API server")
     err = info.value
     assert err.code == grpc.StatusCode.UNAVAILABLE
-    assert err.reason == REASON_UPSTREAM_THROTTLED
+    assert err.reason == Reason.UPSTREAM_THROTTLED
     assert err.metadata == {"namespace": NS, "serviceAccount": SA}
     assert err.retry_after == pytest.approx(2.0)
     assert err.message == (
@@ -240,7 +239,7 @@ async def test_a_429_during_the_wait_refuses_the_waiting_call() -> None:
     await holder.done()
     with pytest.raises(BrokerError) as info:
         await waiter.task
-    assert info.value.reason == REASON_UPSTREAM_THROTTLED
+    assert info.value.reason == Reason.UPSTREAM_THROTTLED
     assert not waiter.entered.is_set()
     # It gave its slot back: the next waiter (another service account) gets it.
     await other.entered.wait()
@@ -285,7 +284,7 @@ async def test_record_error_takes_relayed_429s_only() -> None:
         return BrokerError(
             code=grpc.StatusCode.UNAVAILABLE,
             message="...",
-            reason="KUBERNETES_TOO_MANY_REQUESTS",
+            reason=Reason.KUBERNETES_TOO_MANY_REQUESTS,
             domain=KUBERNETES_DOMAIN,
             metadata={"kubernetesReason": "TooManyRequests", "kubernetesCode": str(code)},
             retry_after=retry_after,

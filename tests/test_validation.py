@@ -15,6 +15,7 @@ from broker.emulator import Emulator
 from broker.errors import ERROR_DOMAIN, BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
+from broker.reasons import Reason
 from broker.validation import validate_create_token
 
 LABEL_MSG = (
@@ -34,7 +35,7 @@ def _violations(req: pb.CreateTokenRequest) -> list[tuple[str, str]]:
         validate_create_token(req)
     err = info.value
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert (err.reason, err.domain) == ("REQUEST_INVALID", ERROR_DOMAIN)
+    assert (err.reason, err.domain) == (Reason.REQUEST_INVALID, ERROR_DOMAIN)
     return [(v.field, v.description) for v in err.field_violations]
 
 
@@ -308,7 +309,7 @@ async def test_refused_before_upstream(
     assert status.code == grpc.StatusCode.INVALID_ARGUMENT
     assert status.error_info is not None
     assert (status.error_info.reason, status.error_info.domain) == (
-        "REQUEST_INVALID",
+        Reason.REQUEST_INVALID,
         ERROR_DOMAIN,
     )
     assert status.bad_request is not None

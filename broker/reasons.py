@@ -552,8 +552,7 @@ def markdown_table() -> str:
         if len(reason.codes) > 1:
             retry = "5xx: yes"
         rows.append(
-            f"| {name} | {codes} | {retry} | "
-            f"{cell(reason.meaning)} | {cell(reason.action)} |"
+            f"| {name} | {codes} | {retry} | {cell(reason.meaning)} | {cell(reason.action)} |"
         )
     family_codes = ", ".join(f"`{code.name}`" for code in sorted(KUBERNETES_CODES, key=str))
     rows.append(

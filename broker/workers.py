@@ -44,6 +44,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -190,91 +191,124 @@ async def run_workers(settings: Settings, workers: int) -> int:
     check_transport_security(settings)
     for handler in logging.getLogger().handlers:
         handler.addFilter(WorkerLogFields())
-    loop = asyncio.get_running_loop()
-    running: list[_Worker] = []
-    stopping = False
-    failure: int | None = None
+    supervisor = _Supervisor(settings, workers)
+    try:
+        with supervisor.signal_handlers(asyncio.get_running_loop()):
+            await supervisor.start_workers()
+            await supervisor.wait_for_workers()
+    finally:
+        await supervisor.reap()
+    return supervisor.exit_status()
 
-    def stop_all(sig: signal.Signals) -> None:
-        for worker in running:
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _Supervisor:
+    """The workers of `run_workers`, whether they are being stopped, and the first failure."""
+
+    def __init__(self, settings: Settings, workers: int) -> None:
+        self._settings = settings
+        self._count = workers
+        self.running: list[_Worker] = []
+        self.stopping = False
+        self.failure: int | None = None
+
+    @contextlib.contextmanager
+    def signal_handlers(self, loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+        """SIGTERM/SIGINT stop the workers (a second one too: they cancel their calls);
+        SIGHUP is forwarded."""
+        for sig in _STOP_SIGNALS:
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._signal_all, signal.SIGHUP)
+        try:
+            yield
+        finally:
+            for sig in (*_STOP_SIGNALS, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    def _signal_all(self, sig: signal.Signals) -> None:
+        for worker in self.running:
             worker.signal(sig)
 
-    def on_signal(sig: signal.Signals) -> None:
-        nonlocal stopping
-        if stopping:
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        if self.stopping:
             logger.warning("second %s: workers cancel their in-flight calls", sig.name)
         else:
-            logger.info("received %s: stopping %d worker(s)", sig.name, len(running))
-        stopping = True
-        stop_all(signal.SIGTERM)
+            logger.info("received %s: stopping %d worker(s)", sig.name, len(self.running))
+        self.stopping = True
+        self._signal_all(signal.SIGTERM)
 
-    def on_sighup() -> None:
-        stop_all(signal.SIGHUP)
+    async def start_workers(self) -> None:
+        """Spawn the workers one by one (none more once a stop signal came)."""
+        for index in range(self._count):
+            if self.stopping:
+                return
+            self.running.append(await _spawn(self._settings, index))
+        if self.stopping:
+            return
+        logger.info(
+            "started %d workers on %s",
+            len(self.running),
+            self._settings.server.listen,
+            extra={"workers": len(self.running), "worker_pids": [w.pid for w in self.running]},
+        )
 
-    stop_signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in stop_signals:
-        loop.add_signal_handler(sig, on_signal, sig)
-    loop.add_signal_handler(signal.SIGHUP, on_sighup)
-    try:
-        for index in range(workers):
-            if stopping:
-                break
-            running.append(await _spawn(settings, index))
-        if not stopping:
-            logger.info(
-                "started %d workers on %s",
-                len(running),
-                settings.server.listen,
-                extra={"workers": len(running), "worker_pids": [w.pid for w in running]},
-            )
-        pending = {w.waiter: w for w in running}
+    async def wait_for_workers(self) -> None:
+        """Until every worker has exited; the first to exit on its own stops the others."""
+        pending = {w.waiter: w for w in self.running}
         while pending:
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for future in done:
                 worker = pending.pop(future)
-                status = worker.status = future.result()
-                clean = status == 0 or (worker.terminated and status == -signal.SIGTERM)
-                if not stopping:
-                    logger.error(
-                        "worker %d (pid %d) exited unexpectedly with %s; stopping the others",
-                        worker.index,
-                        worker.pid,
-                        _describe(status),
-                        extra={"worker": worker.index, "status": status},
-                    )
-                    stopping = True
-                    stop_all(signal.SIGTERM)
-                    failure = status if status > 0 else 1
-                elif not clean:
-                    logger.error(
-                        "worker %d (pid %d) exited with %s",
-                        worker.index,
-                        worker.pid,
-                        _describe(status),
-                        extra={"worker": worker.index, "status": status},
-                    )
-                    if failure is None:
-                        failure = status if status > 0 else 1
-                else:
-                    logger.info(
-                        "worker %d (pid %d) stopped",
-                        worker.index,
-                        worker.pid,
-                        extra={"worker": worker.index},
-                    )
-    finally:
-        for sig in (*stop_signals, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        for worker in running:
-            if worker.proc.returncode is None:  # cancelled: do not leave workers behind
+                worker.status = future.result()
+                self._exited(worker, worker.status)
+
+    def _exited(self, worker: _Worker, status: int) -> None:
+        clean = status == 0 or (worker.terminated and status == -signal.SIGTERM)
+        if not self.stopping:
+            logger.error(
+                "worker %d (pid %d) exited unexpectedly with %s; stopping the others",
+                worker.index,
+                worker.pid,
+                _describe(status),
+                extra={"worker": worker.index, "status": status},
+            )
+            self.stopping = True
+            self._signal_all(signal.SIGTERM)
+            self.failure = status if status > 0 else 1
+        elif not clean:
+            logger.error(
+                "worker %d (pid %d) exited with %s",
+                worker.index,
+                worker.pid,
+                _describe(status),
+                extra={"worker": worker.index, "status": status},
+            )
+            if self.failure is None:
+                self.failure = status if status > 0 else 1
+        else:
+            logger.info(
+                "worker %d (pid %d) stopped",
+                worker.index,
+                worker.pid,
+                extra={"worker": worker.index},
+            )
+
+    async def reap(self) -> None:
+        """Kill the workers still running (cancelled: do not leave workers behind)."""
+        for worker in self.running:
+            if worker.proc.returncode is None:
                 worker.proc.kill()
                 await worker.proc.wait()
             if worker.proc.stdin is not None:
                 worker.proc.stdin.close()
-    if failure is None:
-        logger.info("all %d workers stopped", len(running))
-        return 0
-    return failure
+
+    def exit_status(self) -> int:
+        if self.failure is None:
+            logger.info("all %d workers stopped", len(self.running))
+            return 0
+        return self.failure
 
 
 # --- a worker ---------------------------------------------------------------------------------

@@ -285,135 +285,169 @@ class CallObserver(aio.ServerInterceptor):
         await error.abort(context)
 
     def wrap(self, handler: Handler, service: str, method: str) -> Handler:
+        """The observed handler, request-streaming with raw bytes in (one builder per kind
+        of handler); a synchronous handler (none in this server) is left as it is."""
+        observed = self._observed_method(handler, service, method)
+        serializer = handler.response_serializer
+        if not handler.request_streaming and not handler.response_streaming:
+            if not inspect.iscoroutinefunction(handler.unary_unary):
+                return handler
+            return grpc.stream_unary_rpc_method_handler(
+                _unary_unary(observed, handler.unary_unary), response_serializer=serializer
+            )
+        if handler.request_streaming and not handler.response_streaming:
+            if not inspect.iscoroutinefunction(handler.stream_unary):
+                return handler
+            return grpc.stream_unary_rpc_method_handler(
+                _stream_unary(observed, handler.stream_unary), response_serializer=serializer
+            )
+        streaming: Any = (
+            handler.stream_stream if handler.request_streaming else handler.unary_stream
+        )
+        if inspect.isasyncgenfunction(streaming):
+            behavior: Any = _yielding_stream(observed, streaming, handler.request_streaming)
+        elif inspect.iscoroutinefunction(streaming):
+            behavior = _writing_stream(observed, streaming, handler.request_streaming)
+        else:
+            return handler
+        return grpc.stream_stream_rpc_method_handler(behavior, response_serializer=serializer)
+
+    def _observed_method(self, handler: Handler, service: str, method: str) -> _ObservedMethod:
         described = _described_method(service, method)
         # The type the .proto declares: CreateToken is registered request-streaming, and
-        # every handler is re-registered request-streaming below, yet they are unary.
+        # every handler is re-registered request-streaming, yet they are unary.
         grpc_type = (
             _grpc_type(described.client_streaming, described.server_streaming)
             if described is not None
             else _grpc_type(handler.request_streaming, handler.response_streaming)
         )
-        metrics = self._metrics.grpc_method(grpc_type, service, method)
         deserializer = handler.request_deserializer
         what = described.input_type.full_name if described is not None else "request message"
-        parse_message: Parser | None = (
-            None if deserializer is None else functools.partial(parse, deserializer, what=what)
+        return _ObservedMethod(
+            metrics=self._metrics.grpc_method(grpc_type, service, method),
+            service=service,
+            method=method,
+            # Raw bytes in: the wrappers parse (inside the observed call).
+            parse_message=(
+                None if deserializer is None else functools.partial(parse, deserializer, what=what)
+            ),
+            receive_timeout=self._receive_timeout,
+            refuse=self._refuse,
         )
-        # Raw bytes in: the wrappers below parse (inside the observed call).
-        serializer = handler.response_serializer
-        receive_timeout = self._receive_timeout
-        refuse = self._refuse
 
-        def start(context: Any) -> tuple[_Call, CallInfo]:
-            call = _Call(metrics, service, method)
-            info = CallInfo(request_id_from(context.invocation_metadata()))
-            return call, info
 
-        async def receive(requests: AsyncIterator[bytes], call: _Call, context: Any) -> Any:
-            """The one request message of a unary-request method, parsed; else refused."""
+@dataclass(frozen=True)
+class _ObservedMethod:
+    """What the wrappers of one method share: its metrics and names, its parser, the bound
+    on receiving its request message, and how a refusal is answered."""
+
+    metrics: GrpcMethodMetrics
+    service: str
+    method: str
+    parse_message: Parser | None
+    receive_timeout: float
+    refuse: Callable[[BrokerError, Any], Awaitable[NoReturn]]
+
+    def start(self, context: Any) -> tuple[_Call, CallInfo]:
+        call = _Call(self.metrics, self.service, self.method)
+        return call, CallInfo(request_id_from(context.invocation_metadata()))
+
+    async def receive(self, requests: AsyncIterator[bytes], call: _Call, context: Any) -> Any:
+        """The one request message of a unary-request method, parsed; else refused."""
+        try:
+            raw = await receive_one(_counting_iterator(requests, call), self.receive_timeout)
+            return raw if self.parse_message is None else self.parse_message(raw)
+        except BrokerError as err:
+            await self.refuse(err, context)
+
+    async def arguments(
+        self, request_streaming: bool, requests: Any, call: _Call, context: Any
+    ) -> Any:
+        """A streaming handler's first argument: the parsed stream, or the one message."""
+        if request_streaming:
+            return _counting_iterator(requests, call, self.parse_message)
+        return await self.receive(requests, call, context)
+
+
+def _unary_unary(observed: _ObservedMethod, inner: Any) -> Any:
+    async def unary_unary(requests: Any, context: Any) -> Any:
+        call, info = observed.start(context)
+
+        async def respond() -> Any:
+            return await inner(await observed.receive(requests, call, context), context)
+
+        return await _answer_once(call, info, context, respond)
+
+    return unary_unary
+
+
+def _stream_unary(observed: _ObservedMethod, inner: Any) -> Any:
+    async def stream_unary(requests: Any, context: Any) -> Any:
+        call, info = observed.start(context)
+
+        async def respond() -> Any:
             try:
-                raw = await receive_one(_counting_iterator(requests, call), receive_timeout)
-                return raw if parse_message is None else parse_message(raw)
+                return await inner(
+                    _counting_iterator(requests, call, observed.parse_message), context
+                )
             except BrokerError as err:
-                await refuse(err, context)
+                await observed.refuse(err, context)
 
-        if not handler.request_streaming and not handler.response_streaming:
-            inner: Any = handler.unary_unary
-            if not inspect.iscoroutinefunction(inner):
-                return handler  # synchronous handlers: none in this server
+        return await _answer_once(call, info, context, respond)
 
-            async def unary_unary(requests: Any, context: Any) -> Any:
-                call, info = start(context)
+    return stream_unary
 
-                async def respond() -> Any:
-                    return await inner(await receive(requests, call, context), context)
 
-                return await _answer_once(call, info, context, respond)
+def _yielding_stream(observed: _ObservedMethod, inner: Any, request_streaming: bool) -> Any:
+    """A response-streaming handler that yields its messages."""
 
-            return grpc.stream_unary_rpc_method_handler(unary_unary, response_serializer=serializer)
+    async def stream_gen(requests: Any, context: Any) -> AsyncIterator[Any]:
+        call, info = observed.start(context)
+        with _bound(info):
+            code = grpc.StatusCode.OK
+            try:
+                try:
+                    arguments = await observed.arguments(request_streaming, requests, call, context)
+                    async for response in inner(arguments, context):
+                        call.sent()
+                        yield response
+                except BrokerError as err:
+                    await observed.refuse(err, context)
+            except BaseException as exc:
+                code = _code_after_exception(exc, context)
+                raise
+            else:
+                code = _context_code(context) or grpc.StatusCode.OK
+            finally:
+                call.finish(code, info)
 
-        if handler.request_streaming and not handler.response_streaming:
-            inner_su: Any = handler.stream_unary
-            if not inspect.iscoroutinefunction(inner_su):
-                return handler
+    return stream_gen
 
-            async def stream_unary(requests: Any, context: Any) -> Any:
-                call, info = start(context)
 
-                async def respond() -> Any:
-                    try:
-                        return await inner_su(
-                            _counting_iterator(requests, call, parse_message), context
-                        )
-                    except BrokerError as err:
-                        await refuse(err, context)
+def _writing_stream(observed: _ObservedMethod, inner: Any, request_streaming: bool) -> Any:
+    """A response-streaming handler that writes its messages (context.write)."""
 
-                return await _answer_once(call, info, context, respond)
+    async def stream_coro(requests: Any, context: Any) -> None:
+        call, info = observed.start(context)
+        with _bound(info):
+            code = grpc.StatusCode.OK
+            try:
+                try:
+                    await inner(
+                        await observed.arguments(request_streaming, requests, call, context),
+                        _CountingContext(context, call),
+                    )
+                except BrokerError as err:
+                    await observed.refuse(err, context)
+            except BaseException as exc:
+                code = _code_after_exception(exc, context)
+                raise
+            else:
+                code = _context_code(context) or grpc.StatusCode.OK
+            finally:
+                call.finish(code, info)
 
-            return grpc.stream_unary_rpc_method_handler(
-                stream_unary, response_serializer=serializer
-            )
-
-        streaming_inner: Any = (
-            handler.stream_stream if handler.request_streaming else handler.unary_stream
-        )
-
-        async def arguments(requests: Any, call: _Call, context: Any) -> Any:
-            if handler.request_streaming:
-                return _counting_iterator(requests, call, parse_message)
-            return await receive(requests, call, context)
-
-        if inspect.isasyncgenfunction(streaming_inner):
-
-            async def stream_gen(requests: Any, context: Any) -> AsyncIterator[Any]:
-                call, info = start(context)
-                with _bound(info):
-                    code = grpc.StatusCode.OK
-                    try:
-                        try:
-                            responses = streaming_inner(
-                                await arguments(requests, call, context), context
-                            )
-                            async for response in responses:
-                                call.sent()
-                                yield response
-                        except BrokerError as err:
-                            await refuse(err, context)
-                    except BaseException as exc:
-                        code = _code_after_exception(exc, context)
-                        raise
-                    else:
-                        code = _context_code(context) or grpc.StatusCode.OK
-                    finally:
-                        call.finish(code, info)
-
-            behavior: Any = stream_gen
-        elif inspect.iscoroutinefunction(streaming_inner):
-
-            async def stream_coro(requests: Any, context: Any) -> None:
-                call, info = start(context)
-                with _bound(info):
-                    code = grpc.StatusCode.OK
-                    try:
-                        try:
-                            await streaming_inner(
-                                await arguments(requests, call, context),
-                                _CountingContext(context, call),
-                            )
-                        except BrokerError as err:
-                            await refuse(err, context)
-                    except BaseException as exc:
-                        code = _code_after_exception(exc, context)
-                        raise
-                    else:
-                        code = _context_code(context) or grpc.StatusCode.OK
-                    finally:
-                        call.finish(code, info)
-
-            behavior = stream_coro
-        else:
-            return handler
-        return grpc.stream_stream_rpc_method_handler(behavior, response_serializer=serializer)
+    return stream_coro
 
 
 @contextlib.contextmanager

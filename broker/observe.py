@@ -403,23 +403,14 @@ def _yielding_stream(observed: _ObservedMethod, inner: Any, request_streaming: b
 
     async def stream_gen(requests: Any, context: Any) -> AsyncIterator[Any]:
         call, info = observed.start(context)
-        with _bound(info):
-            code = grpc.StatusCode.OK
+        with _counted(call, info, context):
             try:
-                try:
-                    arguments = await observed.arguments(request_streaming, requests, call, context)
-                    async for response in inner(arguments, context):
-                        call.sent()
-                        yield response
-                except BrokerError as err:
-                    await observed.refuse(err, context)
-            except BaseException as exc:
-                code = _code_after_exception(exc, context)
-                raise
-            else:
-                code = _context_code(context) or grpc.StatusCode.OK
-            finally:
-                call.finish(code, info)
+                arguments = await observed.arguments(request_streaming, requests, call, context)
+                async for response in inner(arguments, context):
+                    call.sent()
+                    yield response
+            except BrokerError as err:
+                await observed.refuse(err, context)
 
     return stream_gen
 
@@ -429,25 +420,33 @@ def _writing_stream(observed: _ObservedMethod, inner: Any, request_streaming: bo
 
     async def stream_coro(requests: Any, context: Any) -> None:
         call, info = observed.start(context)
-        with _bound(info):
-            code = grpc.StatusCode.OK
+        with _counted(call, info, context):
             try:
-                try:
-                    await inner(
-                        await observed.arguments(request_streaming, requests, call, context),
-                        _CountingContext(context, call),
-                    )
-                except BrokerError as err:
-                    await observed.refuse(err, context)
-            except BaseException as exc:
-                code = _code_after_exception(exc, context)
-                raise
-            else:
-                code = _context_code(context) or grpc.StatusCode.OK
-            finally:
-                call.finish(code, info)
+                await inner(
+                    await observed.arguments(request_streaming, requests, call, context),
+                    _CountingContext(context, call),
+                )
+            except BrokerError as err:
+                await observed.refuse(err, context)
 
     return stream_coro
+
+
+@contextlib.contextmanager
+def _counted(call: _Call, info: CallInfo, context: Any) -> Iterator[None]:
+    """A streaming call while its handler runs (bound, see _bound), then its outcome
+    counted and logged (the messages it sent are counted as they go)."""
+    with _bound(info):
+        code = grpc.StatusCode.OK
+        try:
+            yield
+        except BaseException as exc:
+            code = _code_after_exception(exc, context)
+            raise
+        else:
+            code = _context_code(context) or grpc.StatusCode.OK
+        finally:
+            call.finish(code, info)
 
 
 @contextlib.contextmanager

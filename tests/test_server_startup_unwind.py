@@ -142,51 +142,31 @@ def settings_with(
     )
 
 
-@pytest.mark.parametrize("relay", [False, True], ids=["unix-socket", "unix-socket-relay"])
-async def test_busy_admin_port_unwinds_the_whole_start(
+# The step that fails (its listener given a busy port), the settings key the error names, and
+# whether unix-socket peers are checked (the relay in front of gRPC's socket). The admin
+# listener is the last step: gRPC, its unix socket and the health listener serve already.
+BUSY_STEPS = {
+    "admin": ("admin", r"admin\.listen", False),
+    "admin-with-relay": ("admin", r"admin\.listen", True),
+    "health": ("health_listen", r"server\.healthListen", True),
+    "grpc": ("listen", r"server\.listen", False),
+}
+
+
+@pytest.mark.parametrize("step", BUSY_STEPS)
+async def test_a_busy_port_at_a_late_step_unwinds_the_whole_start(
     kubernetes_settings: KubernetesSettings,
     socket_dir: Path,
     tmp_path: Path,
     busy_port: str,
-    relay: bool,
+    step: str,
 ) -> None:
-    """The admin listener is the last step: gRPC, its unix socket and the health listener
-    were serving already."""
+    key, named, relay = BUSY_STEPS[step]
     audit_file = tmp_path / "audit.log"
-    settings = settings_with(
-        kubernetes_settings,
-        socket_dir,
-        audit_file,
-        admin=busy_port,
-        relay=relay,
-        health_listen="127.0.0.1:0",
-    )
+    listeners = {"health_listen": "127.0.0.1:0", key: busy_port}
+    settings = settings_with(kubernetes_settings, socket_dir, audit_file, relay=relay, **listeners)
     before = Snapshot()
-    with pytest.raises(ConfigError, match=r"admin\.listen: cannot listen"):
-        await BrokerServer(settings).start()
-    await before.assert_restored(socket_dir, audit_file)
-
-
-async def test_busy_health_port_unwinds_the_whole_start(
-    kubernetes_settings: KubernetesSettings, socket_dir: Path, tmp_path: Path, busy_port: str
-) -> None:
-    audit_file = tmp_path / "audit.log"
-    settings = settings_with(
-        kubernetes_settings, socket_dir, audit_file, relay=True, health_listen=busy_port
-    )
-    before = Snapshot()
-    with pytest.raises(ConfigError, match=r"server\.healthListen: cannot listen"):
-        await BrokerServer(settings).start()
-    await before.assert_restored(socket_dir, audit_file)
-
-
-async def test_busy_grpc_port_unwinds_the_parts(
-    kubernetes_settings: KubernetesSettings, socket_dir: Path, tmp_path: Path, busy_port: str
-) -> None:
-    audit_file = tmp_path / "audit.log"
-    settings = settings_with(kubernetes_settings, socket_dir, audit_file, listen=busy_port)
-    before = Snapshot()
-    with pytest.raises(ConfigError, match=r"server\.listen: cannot listen"):
+    with pytest.raises(ConfigError, match=rf"{named}: cannot listen"):
         await BrokerServer(settings).start()
     await before.assert_restored(socket_dir, audit_file)
 

@@ -247,7 +247,8 @@ class BrokerServer:
                     CallObserver(self.metrics, receive_timeout_seconds=cfg.receive_timeout_seconds)
                 ],
             )
-            # Ports are bound before the server starts: stopped (or never started) first.
+            # Stopped before the parts behind it close (after `stop()`'s graceful stop, a
+            # no-op); a start failing later also frees the ports it bound.
             stack.push_async_callback(server.stop, None)
             add_token_broker_service(servicer, server)
             self.metrics.grpc_method("unary", SERVICE_NAME, "CreateToken")

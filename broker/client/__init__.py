@@ -37,7 +37,7 @@ from broker.client.config import (
     ClientConfig,
     ClientConfigError,
 )
-from broker.client.errors import TokenBrokerError
+from broker.client.errors import FieldViolation, TokenBrokerError
 from broker.client.messages import (
     BOUND_OBJECT_KINDS,
     METHOD,
@@ -47,7 +47,6 @@ from broker.client.messages import (
     jwt_claims,
 )
 from broker.client.retries import NO_RETRIES, RetryPolicy
-from broker.errors import FieldViolation
 
 __all__ = [
     "BOUND_OBJECT_KINDS",

@@ -11,6 +11,9 @@ from grpc import aio
 
 from broker.errors import RETRY_PUSHBACK_TRAILER, FieldViolation, rich_status_from_call
 
+# FieldViolation: the one definition (broker.errors), as the server sends it.
+__all__ = ["FieldViolation", "TokenBrokerError"]
+
 
 class TokenBrokerError(Exception):
     """A failed CreateToken call: the gRPC status and its `google.rpc` details."""

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.lifetime import lifetime_seconds, numeric_date
 
@@ -71,26 +73,34 @@ class TokenResult:
     @property
     def issued_at(self) -> datetime | None:
         """The JWT's `iat`, else metadata.creationTimestamp (the API server's clock)."""
-        iat = numeric_date(jwt_claims(self.token).get("iat"))
-        if iat is not None:
-            with contextlib.suppress(OverflowError, ValueError, OSError):  # out of datetime's range
-                return datetime.fromtimestamp(iat, UTC)
-        if self.token_request.metadata.HasField("creation_timestamp"):
-            return self.token_request.metadata.creation_timestamp.ToDatetime(tzinfo=UTC)
+        seconds = self._issued_at_seconds()
+        if seconds is not None:
+            with contextlib.suppress(OverflowError, ValueError, OSError):  # not a datetime
+                return datetime.fromtimestamp(seconds, UTC)
         return None
 
     def lifetime_seconds(self) -> float | None:
         """Seconds from issue to expiry by the API server's clock (None: unknown): the rule of
         the broker's cache (broker.lifetime)."""
-        if not self.token_request.status.HasField("expiration_timestamp"):
+        status = self.token_request.status
+        if not status.HasField("expiration_timestamp"):
             return None
-        issued = self.issued_at
         spec = self.token_request.spec
         return lifetime_seconds(
-            self.expiration_timestamp.timestamp(),
-            None if issued is None else issued.timestamp(),
+            _seconds(status.expiration_timestamp),
+            self._issued_at_seconds(),
             spec.expiration_seconds if spec.HasField("expiration_seconds") else None,
         )
+
+    def _issued_at_seconds(self) -> float | None:
+        iat = numeric_date(jwt_claims(self.token).get("iat"))
+        if iat is None and self.token_request.metadata.HasField("creation_timestamp"):
+            return _seconds(self.token_request.metadata.creation_timestamp)
+        return iat
+
+
+def _seconds(timestamp: Timestamp) -> float:
+    return timestamp.seconds + timestamp.nanos / 1e9
 
 
 def build_request(

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from broker.client import ClientConfig, TokenBrokerClient, TokenResult, jwt_claims
-from broker.client.files import write_atomically
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.lifetime import default_jitter, refresh_due_at
 
@@ -193,6 +192,9 @@ class TokenFileCache:
             os.close(fd)
 
     def write(self, key: str, cached: CachedToken) -> None:
+        # Imported here: tempfile (and what it imports) only on a miss, not on every hit.
+        from broker.client.files import write_atomically
+
         data = {
             "format": CACHE_FORMAT,
             "key": key,

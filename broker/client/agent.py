@@ -12,10 +12,10 @@ path (broker.client.files):
   (`TokenResult.lifetime_seconds`: exp - iat) and anchored at the moment the answer arrived.
 - **on failure**: retried with capped exponential backoff (`retry.initialBackoffSeconds`
   doubling up to `retry.maxBackoffSeconds`, equal jitter: broker.backoff), never sooner than
-  the server's RetryInfo / `grpc-retry-pushback-ms`. The old file stays while its token is valid (a
-  warning); once no valid token is on disk each failure is logged as an error and /healthz
-  answers 503. The file is never deleted: an app holding an expired token gets a 401 from
-  the service it calls, as it would from any stale credential.
+  the server's RetryInfo / `grpc-retry-pushback-ms`. The old file stays while its token is
+  valid (a warning); once no valid token is on disk each failure is logged as an error and
+  /healthz answers 503. The file is never deleted: an app holding an expired token gets a 401
+  from the service it calls, as it would from any stale credential.
 
 `--once` (init containers) writes every sink once and exits 0, or 1 naming each sink that
 failed and why. SIGTERM/SIGINT stop the long-running agent: calls in flight are cancelled,

@@ -56,7 +56,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "emulator":
         return emulator.run(args.emulator_args)
     return _RUN[args.command](args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

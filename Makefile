@@ -32,9 +32,11 @@ proto: venv
 proto-lint: venv
 	cd proto && ../$(BIN)/buf lint
 
+## ruff, and the import contracts of pyproject.toml (the client side stays off the server side).
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: venv
 	$(BIN)/mypy
@@ -49,4 +51,4 @@ bench: venv
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

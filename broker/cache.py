@@ -11,7 +11,8 @@ API server keeps it), the requested expiration (None = the server default) and t
 object reference (kind, apiVersion, name, uid). One caller never receives a token minted for
 another.
 
-Freshness, as kubelet (`pkg/kubelet/token/token_manager.go`): a token's lifetime is
+Freshness, as kubelet (`pkg/kubelet/token/token_manager.go`; the rule is broker.lifetime, which
+the client side shares): a token's lifetime is
 `status.expirationTimestamp - iat` (the JWT's `iat`; else `metadata.creationTimestamp`; else
 `spec.expirationSeconds`): both are the API server's clock, so broker/server clock skew does not
 matter. The lifetime is anchored at the local moment the upstream answered. A token is served
@@ -57,7 +58,6 @@ import functools
 import heapq
 import itertools
 import logging
-import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -70,16 +70,13 @@ from broker.errors import BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.identity import AuthMethod, Identity
 from broker.issued_token import read_token
+from broker.lifetime import REFRESH_FRACTION, default_jitter, lifetime_seconds, refresh_due_at
 from broker.policy import Decision
 from broker.reasons import Reason
 from broker.upstream import UpstreamResult
 
 logger = logging.getLogger(__name__)
 
-# Served while younger than this fraction of the lifetime (kubelet: refresh in the last 20%).
-REFRESH_FRACTION = 0.8
-# Jitter subtracted from the refresh point, uniform in [0, this) (kubelet: 10 s).
-MAX_JITTER_SECONDS = 10.0
 # Refresh-ahead serves the old token during a refresh only while this much lifetime is left.
 MIN_REMAINING_FRACTION_WHILE_REFRESHING = 0.1
 # After a failed refresh (serveStaleOnError), no new attempt for this long.
@@ -103,23 +100,6 @@ _TRANSIENT_CODES = frozenset(
 
 # Given the timeout the shared call must finish within (seconds; None: the upstream's default).
 Fetch = Callable[[float | None], Awaitable[UpstreamResult]]
-
-
-def refresh_due_at(issued_at: float, expires_at: float, jitter: float) -> float:
-    """When a token issued at `issued_at` and expiring at `expires_at` is due for refresh.
-
-    kubelet's rule: at 80% of the lifetime, minus `jitter` seconds (drawn by the caller,
-    e.g. `default_jitter()`; negative values count as 0), never before `issued_at`. Pure: any
-    clock works as long as both times are on it. Shared by this cache, the sidecar agent
-    (broker.agent) and the kubectl credential plugin's cache (broker.exec_credential).
-    """
-    lifetime = max(0.0, expires_at - issued_at)
-    return issued_at + max(0.0, REFRESH_FRACTION * lifetime - max(0.0, jitter))
-
-
-def default_jitter() -> float:
-    """Uniform in [0, MAX_JITTER_SECONDS): spreads the refreshes of tokens minted together."""
-    return random.uniform(0.0, MAX_JITTER_SECONDS)  # noqa: S311 - jitter, not cryptography
 
 
 @dataclass(frozen=True)
@@ -660,18 +640,13 @@ def token_lifetime(token_request: pb.TokenRequest) -> float | None:
     if not status.HasField("expiration_timestamp"):
         return None
     ts = status.expiration_timestamp
-    expires = ts.seconds + ts.nanos / 1e9
     issued = read_token(status.token).issued_at
     if issued is None and token_request.metadata.HasField("creation_timestamp"):
         created = token_request.metadata.creation_timestamp
         issued = created.seconds + created.nanos / 1e9
-    if issued is not None:
-        lifetime = expires - issued
-    elif token_request.spec.HasField("expiration_seconds"):
-        lifetime = float(token_request.spec.expiration_seconds)
-    else:
-        return None
-    return lifetime if lifetime > 0 else None
+    spec = token_request.spec
+    granted = spec.expiration_seconds if spec.HasField("expiration_seconds") else None
+    return lifetime_seconds(ts.seconds + ts.nanos / 1e9, issued, granted)
 
 
 def _copy(result: UpstreamResult) -> UpstreamResult:

@@ -38,7 +38,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from broker.filemodes import check_file_mode, octal_file_mode
+from broker.filemodes import FileMode
 
 ENV_PREFIX = "TOKEN_BROKER_"
 
@@ -71,7 +71,7 @@ class ServerSettings(_Section):
     unix_socket: Path | None = None
     # File mode of the unix socket: who may connect is decided by file permissions.
     # Octal: YAML 0660 or "0660"/"0o660" (a string from the environment is read as octal).
-    unix_socket_mode: int = 0o660
+    unix_socket_mode: Annotated[int, FileMode("0660")] = 0o660
     tls: TLSSettings | None = None
     # Plaintext TCP needs this AND a loopback address (dev mode sets it).
     allow_plaintext: bool = False
@@ -99,16 +99,6 @@ class ServerSettings(_Section):
     # CreateToken calls in flight not yet authenticated or still waiting for their request
     # message, per process; calls beyond it are shed at once (UNAVAILABLE).
     max_pending_calls: int = Field(default=2000, ge=1)
-
-    @field_validator("unix_socket_mode", mode="before")
-    @classmethod
-    def _octal_mode(cls, value: object) -> object:
-        return octal_file_mode(value, "0660")
-
-    @field_validator("unix_socket_mode")
-    @classmethod
-    def _mode_range(cls, value: int) -> int:
-        return check_file_mode(value, "0660")
 
     @model_validator(mode="after")
     def _some_listener(self) -> ServerSettings:

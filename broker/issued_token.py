@@ -23,11 +23,12 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from jwt.utils import base64url_decode
 
 from broker.errors import BrokerError
+from broker.lifetime import numeric_date
 from broker.reasons import Reason
 
 if TYPE_CHECKING:
@@ -105,16 +106,10 @@ def _decode(token: str, fingerprint: str) -> TokenFacts:
     return TokenFacts(
         fingerprint=fingerprint,
         jti=jti if isinstance(jti, str) and jti else None,
-        issued_at=_numeric_date(claims.get("iat")),
-        expires_at=_numeric_date(claims.get("exp")),
-        warn_after=_numeric_date(private.get("warnafter")) if isinstance(private, dict) else None,
+        issued_at=numeric_date(claims.get("iat")),
+        expires_at=numeric_date(claims.get("exp")),
+        warn_after=numeric_date(private.get("warnafter")) if isinstance(private, dict) else None,
     )
-
-
-def _numeric_date(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 @dataclass

@@ -19,7 +19,6 @@ import email.utils
 import json
 import logging
 import os
-import random
 import re
 import urllib.parse
 import urllib.request
@@ -34,6 +33,7 @@ import grpc
 from kubernetes.aio import client as kclient
 from kubernetes.aio import config as kconfig
 
+from broker.backoff import backoff_ceiling, backoff_delay
 from broker.config import ConfigError, KubernetesSettings, RetrySettings
 from broker.convert import (
     ConversionError,
@@ -329,8 +329,11 @@ class UpstreamClient:
             if failure.retry_after > self._retry.max_retry_after_seconds:
                 return None
             return failure.retry_after
-        # Exponential backoff with full jitter.
-        return random.uniform(0.0, self._backoff_ceiling(attempt))  # noqa: S311 - jitter, not cryptography
+        return backoff_delay(
+            attempt,
+            initial=self._retry.initial_backoff_seconds,
+            maximum=self._retry.max_backoff_seconds,
+        )
 
     def _final_error(self, failure: _Failure, attempt: int) -> BrokerError:
         """The error to answer; a retryable one always says when to retry (RetryInfo)."""
@@ -341,9 +344,10 @@ class UpstreamClient:
         return error
 
     def _backoff_ceiling(self, attempt: int) -> float:
-        return min(
-            self._retry.max_backoff_seconds,
-            self._retry.initial_backoff_seconds * 2.0 ** (attempt - 1),
+        return backoff_ceiling(
+            attempt,
+            initial=self._retry.initial_backoff_seconds,
+            maximum=self._retry.max_backoff_seconds,
         )
 
     def _log_final(self, failure: _Failure, attempt: int, namespace: str, name: str) -> None:

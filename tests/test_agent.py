@@ -22,8 +22,9 @@ from cli_support import REPO, cli_env
 from client_support import Fail, ScriptedBroker, file_mode, run_broker_cli, start_broker
 from conftest import CALLER_KEY, NAMESPACE, OTHER_SERVICE_ACCOUNT, SERVICE_ACCOUNT, RunningBroker
 
-from broker.agent import Agent, SinkState, write_atomically
-from broker.agent_config import AgentConfig, AgentConfigError, parse_agent_config
+from broker.client.agent import Agent, SinkState
+from broker.client.agent_config import AgentConfig, AgentConfigError, parse_agent_config
+from broker.client.files import write_atomically
 from broker.config import KubernetesSettings
 from broker.emulator import Emulator
 from broker.reasons import Reason

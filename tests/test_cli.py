@@ -30,8 +30,10 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker.authn_apikeys import generate_api_key, hash_api_key
-from broker.cli import build_parser, main, parse_go_duration, serve_overrides
+from broker.cli import build_parser, main
+from broker.cli.serve import serve_overrides
 from broker.config import KubernetesSettings, load_settings
+from broker.durations import parse_go_duration
 from broker.emulator import Emulator
 from broker.server import SERVICE_NAME, BrokerServer
 

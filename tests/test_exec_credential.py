@@ -29,16 +29,16 @@ from emulator_support import BROKER_TOKEN as EMU_BROKER_TOKEN
 from emulator_support import NS, POD, SA
 
 from broker.client import ClientConfig, build_request
-from broker.emulator import Emulator
-from broker.emulator.client import EmulatorClient
-from broker.emulator.tokens import BoundObject, build_claims
-from broker.exec_credential import (
+from broker.client.exec_credential import (
     API_VERSION_V1,
     API_VERSION_V1BETA1,
     ExecCredentialError,
     cache_key,
     exec_api_version,
 )
+from broker.emulator import Emulator
+from broker.emulator.client import EmulatorClient
+from broker.emulator.tokens import BoundObject, build_claims
 from broker.reasons import Reason
 
 ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -436,7 +436,7 @@ async def test_emulator_refuses_tokens_it_would_not_accept(
 def test_no_token_in_the_cache_key_inputs(tmp_path: Path) -> None:
     # An opaque credential is part of the identity only as a (salted) fingerprint.
     config = ClientConfig("127.0.0.1:1", plaintext=True, credential=EMU_BROKER_TOKEN)
-    from broker.exec_credential import credential_identity
+    from broker.client.exec_credential import credential_identity
 
     identity = credential_identity(config)
     assert EMU_BROKER_TOKEN not in json.dumps(identity)

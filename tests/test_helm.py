@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 from broker import config as broker_config
 from broker import policy_schema
-from broker.agent_config import parse_agent_config
+from broker.client.agent_config import parse_agent_config
 from broker.config import load_settings
 from broker.policy import Policy
 

@@ -12,11 +12,14 @@ confirm that nothing is ever prompted: the plugin never reads stdin.
 Tokens are cached on disk so kubectl does not call the broker on every command: one file per
 key in `--cache-dir` (default `$XDG_CACHE_HOME/token-broker`, else `~/.cache/token-broker`;
 directory 0700, files 0600, written atomically), served until the broker cache's refresh point
-(80% of the lifetime minus jitter, `broker.cache.refresh_due_at`). The key is a SHA-256 of the
+(80% of the lifetime minus jitter, `broker.lifetime.refresh_due_at`). The key is a SHA-256 of the
 broker address (and TLS server name), the whole request, and the credential's *identity*, never
 the credential: a JWT's issuer and subject; an opaque key's salted SHA-256 fingerprint; the
 client certificate's SHA-256. Concurrent runs for one key take a lock, so one of them calls the
 broker. `--no-cache` turns the cache off.
+
+kubectl runs the plugin for every command: it imports only the client side (see broker.client),
+and the command (broker.cli.exec_credential) imports this module only when it runs.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from broker.client import ClientConfig, TokenResult, jwt_claims
+from broker.client import ClientConfig, TokenBrokerClient, TokenResult, jwt_claims
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
+from broker.lifetime import default_jitter, refresh_due_at
 
 API_VERSION_V1 = "client.authentication.k8s.io/v1"
 API_VERSION_V1BETA1 = "client.authentication.k8s.io/v1beta1"
@@ -103,8 +107,9 @@ def credential_identity(config: ClientConfig) -> dict[str, str]:
         else:
             digest = hashlib.sha256(_FINGERPRINT_SALT + bearer.encode("utf-8")).hexdigest()
             identity["bearerFingerprint"] = digest
-    if config.cert_file is not None:
-        identity["clientCertificate"] = hashlib.sha256(config.cert_file.read_bytes()).hexdigest()
+    certificate = config.client_certificate()
+    if certificate is not None:
+        identity["clientCertificate"] = hashlib.sha256(certificate).hexdigest()
     return identity
 
 
@@ -187,7 +192,8 @@ class TokenFileCache:
             os.close(fd)
 
     def write(self, key: str, cached: CachedToken) -> None:
-        from broker.agent import write_atomically
+        # Imported here: tempfile (and what it imports) only on a miss, not on every hit.
+        from broker.client.files import write_atomically
 
         data = {
             "format": CACHE_FORMAT,
@@ -229,8 +235,6 @@ def obtain_token(
 
 
 def _create(config: ClientConfig, request: pb.CreateTokenRequest) -> TokenResult:
-    from broker.client import TokenBrokerClient
-
     with TokenBrokerClient(config) as client:
         result = client.create_token_request(request)
     if not result.token:
@@ -239,8 +243,6 @@ def _create(config: ClientConfig, request: pb.CreateTokenRequest) -> TokenResult
 
 
 def _cached(result: TokenResult, now: float) -> CachedToken:
-    from broker.cache import default_jitter, refresh_due_at
-
     lifetime = result.lifetime_seconds()
     if lifetime is None:
         lifetime = result.expiration_timestamp.timestamp() - now

@@ -1,20 +1,21 @@
 """`token-broker agent`: keeps service-account token files fresh, like Vault Agent's sinks.
 
-For every sink (broker.agent_config) the agent asks the broker for a token with the Python
-client (broker.client, its own bounded retries included) and writes it to the sink's path:
+For every sink (broker.client.agent_config) the agent asks the broker for a token with the
+Python client (broker.client, its own bounded retries included) and writes it to the sink's
+path (broker.client.files):
 
 - **atomically**: a temporary file in the same directory (the sink's mode from the start),
   written, fsynced, renamed over the path, then the directory fsynced. A reader sees the old
   token or the new one, never a partial or empty file. The token is written without a newline.
 - **refreshed at 80% of its lifetime minus jitter** (0-10 s): the broker cache's rule,
-  `broker.cache.refresh_due_at`, the lifetime measured on the API server's clock
-  (`token_lifetime`: exp - iat) and anchored at the moment the answer arrived here.
+  `broker.lifetime.refresh_due_at`, the lifetime measured on the API server's clock
+  (`TokenResult.lifetime_seconds`: exp - iat) and anchored at the moment the answer arrived.
 - **on failure**: retried with capped exponential backoff (`retry.initialBackoffSeconds`
-  doubling up to `retry.maxBackoffSeconds`, jittered), never sooner than the server's
-  RetryInfo / `grpc-retry-pushback-ms`. The old file stays while its token is valid (a
-  warning); once no valid token is on disk each failure is logged as an error and /healthz
-  answers 503. The file is never deleted: an app holding an expired token gets a 401 from
-  the service it calls, as it would from any stale credential.
+  doubling up to `retry.maxBackoffSeconds`, equal jitter: broker.backoff), never sooner than
+  the server's RetryInfo / `grpc-retry-pushback-ms`. The old file stays while its token is
+  valid (a warning); once no valid token is on disk each failure is logged as an error and
+  /healthz answers 503. The file is never deleted: an app holding an expired token gets a 401
+  from the service it calls, as it would from any stale credential.
 
 `--once` (init containers) writes every sink once and exits 0, or 1 naming each sink that
 failed and why. SIGTERM/SIGINT stop the long-running agent: calls in flight are cancelled,
@@ -30,24 +31,24 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import random
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from broker.backoff import backoff_delay
 from broker.client import AsyncTokenBrokerClient, ClientConfig, TokenBrokerError, TokenResult
+from broker.client.files import write_atomically
+from broker.lifetime import default_jitter, refresh_due_at
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from broker.agent_config import AgentConfig, SinkConfig
+    from broker.client.agent_config import AgentConfig, SinkConfig
 
 logger = logging.getLogger("broker.agent")
 
@@ -55,41 +56,6 @@ logger = logging.getLogger("broker.agent")
 MAX_SLEEP_SECONDS = 30.0
 EXIT_OK = 0
 EXIT_FAILED = 1
-
-
-def write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Replace `path` with `data` so that no reader ever sees a partial file.
-
-    A temporary file in the same directory (created with `mode`, so the token is never
-    readable by others even briefly), written and fsynced, renamed over `path`, then the
-    directory fsynced so the rename survives a crash. Missing parent directories are created
-    (0700, plus read and search for group/others when `mode` lets them read the file).
-    """
-    directory = path.parent
-    if not directory.is_dir():
-        # Searchable by those the file's mode lets read it.
-        shared = (0o050 if mode & 0o040 else 0) | (0o005 if mode & 0o004 else 0)
-        directory.mkdir(mode=0o700 | shared, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 @dataclass(eq=False)
@@ -128,8 +94,6 @@ class Agent:
         """`clock`: seconds (only differences matter); `jitter`: seconds subtracted from
         each refresh point (default: the cache's, uniform in [0, 10 s)); `rng`: in [0, 1),
         for the retry backoff's jitter."""
-        from broker.cache import default_jitter
-
         self.config = config
         self._clock = clock
         self._jitter = jitter if jitter is not None else default_jitter
@@ -270,8 +234,6 @@ class Agent:
     def _succeeded(
         self, state: SinkState, result: TokenResult, received: float, lifetime: float
     ) -> None:
-        from broker.cache import refresh_due_at
-
         recovered = state.failures > 0
         state.writes += 1
         state.failures = 0
@@ -296,11 +258,13 @@ class Agent:
         retry = self.config.retry
         state.failures += 1
         state.last_error = why.splitlines()[0]
-        ceiling = min(
-            retry.max_backoff_seconds,
-            retry.initial_backoff_seconds * 2 ** (state.failures - 1),
+        delay = backoff_delay(
+            state.failures,
+            initial=retry.initial_backoff_seconds,
+            maximum=retry.max_backoff_seconds,
+            min_fraction=0.5,  # jittered, never below half the ceiling
+            rng=self._rng,
         )
-        delay = ceiling * (0.5 + self._rng() / 2)  # jittered, never below half the ceiling
         if retry_delay is not None:
             delay = max(delay, retry_delay)  # never sooner than the server asked
         now = self._clock()

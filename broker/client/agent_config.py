@@ -34,15 +34,21 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from broker.client import BOUND_OBJECT_KINDS, BoundObject, ClientConfig, RetryPolicy
+from broker.client import (
+    BOUND_OBJECT_KINDS,
+    BoundObject,
+    ClientConfig,
+    ClientConfigError,
+    RetryPolicy,
+)
 from broker.durations import parse_go_duration
-from broker.filemodes import check_file_mode, octal_file_mode
+from broker.filemodes import FileMode
 
 # The API server refuses shorter tokens.
 MIN_DURATION_SECONDS = 600
@@ -75,7 +81,10 @@ class BrokerConnection(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> BrokerConnection:
-        self.client_config()  # ClientConfig's own checks (cert+key, plaintext vs TLS files)
+        try:
+            self.client_config()  # ClientConfig's own checks (cert+key, plaintext vs TLS files)
+        except ClientConfigError as exc:
+            raise ValueError(exc.spelled({f: to_camel(f) for f in exc.fields})) from None
         return self
 
     def client_config(self) -> ClientConfig:
@@ -111,7 +120,7 @@ class SinkConfig(_Section):
     duration: int | None = None
     bound_object: BoundObjectConfig | None = None
     path: Path
-    mode: int = DEFAULT_MODE
+    mode: Annotated[int, FileMode("0600")] = DEFAULT_MODE
 
     @field_validator("namespace")
     @classmethod
@@ -152,15 +161,9 @@ class SinkConfig(_Section):
             raise ValueError("may not specify a duration less than 10 minutes")
         return int(seconds)
 
-    @field_validator("mode", mode="before")
-    @classmethod
-    def _octal_mode(cls, value: object) -> object:
-        return octal_file_mode(value, "0600")
-
     @field_validator("mode")
     @classmethod
-    def _mode_range(cls, value: int) -> int:
-        check_file_mode(value, "0600")
+    def _owner_reads(cls, value: int) -> int:
         if not value & 0o400:
             raise ValueError("the owner must be able to read the token (e.g. 0600)")
         return value

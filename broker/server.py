@@ -84,7 +84,8 @@ class BrokerServer:
     """The broker's gRPC server. `start()`, then `stop()` (or use `async with`).
 
     An upstream passed in belongs to the caller; one created by `start()` is closed by `stop()`.
-    `clock` (monotonic seconds) drives readiness's "unreachable for how long" (tests).
+    `clock` (monotonic seconds) drives readiness's "unreachable for how long" and the token
+    cache's freshness (tests).
     `reuse_port`: bind the TCP listeners with SO_REUSEPORT, shared with the other workers of
     `serve --workers N` (broker.workers); off otherwise, so a busy port fails the start.
     """
@@ -102,6 +103,7 @@ class BrokerServer:
         self._upstream = upstream
         self._owns_upstream = upstream is None
         self.metrics = BrokerMetrics(settings.metrics)
+        self._clock = clock
         self.readiness = Readiness(
             unreachable_after_seconds=settings.readiness.unreachable_after_seconds,
             **({"clock": clock} if clock is not None else {}),
@@ -229,6 +231,7 @@ class BrokerServer:
             self._cache = TokenCache(
                 self.settings.cache,
                 fetch_timeout=self.settings.kubernetes.request_timeout_seconds,
+                **({"clock": self._clock} if self._clock is not None else {}),
             )
             self._cache.start()
             self._limiter = RateLimiter.from_settings(self.settings.rate_limit)

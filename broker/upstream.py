@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 REASON_UNREACHABLE = "KUBERNETES_UNREACHABLE"
 REASON_TIMEOUT = "UPSTREAM_TIMEOUT"
 REASON_BAD_RESPONSE = "KUBERNETES_INVALID_RESPONSE"
+# ErrorInfo metadata of an API-server refusal: the Status details' kind (e.g. serviceaccounts).
+METADATA_KUBERNETES_KIND = "kubernetesKind"
 
 # Do not start (or sleep before) an attempt with less time than this left: it cannot finish.
 MIN_ATTEMPT_SECONDS = 0.05
@@ -555,7 +557,7 @@ def _status_failure(status: int, headers: Mapping[str, str], raw: bytes) -> _Fai
     raw_details = parsed.get("details")
     details: dict[str, Any] = raw_details if isinstance(raw_details, dict) else {}
     metadata = {"kubernetesReason": reason or "Unknown", "kubernetesCode": str(status)}
-    for key, meta_key in (("kind", "kubernetesKind"), ("name", "kubernetesName")):
+    for key, meta_key in (("kind", METADATA_KUBERNETES_KIND), ("name", "kubernetesName")):
         value = details.get(key)
         if isinstance(value, str) and value:
             metadata[meta_key] = truncate_utf8(value, _METADATA_VALUE_LIMIT)

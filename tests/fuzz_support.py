@@ -27,7 +27,6 @@ import logging
 import secrets
 import shutil
 import tempfile
-import traceback
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from hardening_support import eventually, new_signer
 from hypothesis import HealthCheck, settings
 from jwt_support import Signer, issuer_settings, write_jwks
 from prometheus_client import generate_latest
+from suite_secrets import record_text
 
 from broker.audit import MAX_AUDIT_LINE_BYTES
 from broker.authn_apikeys import generate_api_key, hash_api_key
@@ -50,7 +50,6 @@ from broker.devmode import DEV_IDENTITY, DEV_SEED, broker_user_token, dev_settin
 from broker.emulator import Emulator
 from broker.errors import ERROR_DOMAIN, RichStatus, rich_status_from_call
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
-from broker.logs import extra_fields
 from broker.receive import REASON_REQUEST_MALFORMED
 from broker.request_id import REQUEST_ID_METADATA_KEY
 from broker.server import SERVICE_NAME, BrokerServer
@@ -59,7 +58,8 @@ from broker.validation import REASON_REQUEST_INVALID
 CREATE_TOKEN = f"/{SERVICE_NAME}/CreateToken"
 OK = grpc.StatusCode.OK
 NEVER = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
-# test_reliability.py's settings, and a bounded number of examples per test.
+# The fuzz tests' settings (these and test_reliability.py's), each with a bounded number of
+# examples of its own (`@settings(FUZZ_SETTINGS, max_examples=N)`).
 FUZZ_SETTINGS = settings(
     deadline=None,
     database=None,  # nothing written to the repository
@@ -148,18 +148,7 @@ class LogCapture(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            try:
-                message = record.getMessage()
-            except (TypeError, ValueError):
-                message = f"{record.msg!r} {record.args!r}"
-            parts = [record.name, message]
-            parts += [f"{k}={v!r}" for k, v in extra_fields(record).items()]
-            if record.exc_info:
-                parts.append("".join(traceback.format_exception(*record.exc_info)))
-            for text in (record.exc_text, record.stack_info):
-                if text:
-                    parts.append(text)
-            self.texts.append("\n".join(parts))
+            self.texts.append(record_text(record))
         except Exception:
             self.handleError(record)
 

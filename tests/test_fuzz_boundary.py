@@ -32,9 +32,11 @@ metadata the client sends, of any size around those limits.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -58,14 +60,18 @@ from fuzz_support import (
     marker,
     mtls_channel,
 )
+from google.protobuf.internal.decoder import _DecodeVarint as decode_varint
+from google.protobuf.internal.encoder import _VarintBytes as varint
 from grpc import aio
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from jwt_support import AUDIENCE, ISSUER, b64
 
-from broker.config import KubernetesSettings
+from broker.authn import certificate_identity
+from broker.config import KubernetesSettings, LogSettings
 from broker.emulator import Emulator
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
+from broker.logs import setup_logging
 from broker.receive import REASON_REQUEST_MALFORMED
 from broker.server import MAX_RECEIVE_MESSAGE_BYTES
 
@@ -112,15 +118,6 @@ async def target(
 # --- 1. raw request bytes ------------------------------------------------------------------------
 
 
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def tag_offsets(data: bytes, base: int = 0) -> list[int]:
     """Where the field tags of a well-formed message are, nested messages included (any
     length-delimited field whose content walks as a message)."""
@@ -129,12 +126,12 @@ def tag_offsets(data: bytes, base: int = 0) -> list[int]:
     try:
         while i < len(data):
             start = i
-            tag, i = _read_varint(data, i)
+            tag, i = decode_varint(data, i)
             wire_type = tag & 7
             if wire_type == 0:
-                _, i = _read_varint(data, i)
+                _, i = decode_varint(data, i)
             elif wire_type == 2:
-                length, i = _read_varint(data, i)
+                length, i = decode_varint(data, i)
                 if i + length > len(data):
                     return []
                 offsets += tag_offsets(data[i : i + length], base + i)
@@ -142,20 +139,9 @@ def tag_offsets(data: bytes, base: int = 0) -> list[int]:
             else:
                 return []
             offsets.append(base + start)
-    except IndexError:
+    except Exception:  # not a message after all
         return []
     return offsets
-
-
-def _read_varint(data: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[i]
-        value |= (byte & 0x7F) << shift
-        i += 1
-        if not byte & 0x80:
-            return value, i
-        shift += 7
 
 
 def message_of_size(size: int) -> bytes:
@@ -796,3 +782,22 @@ def test_the_independent_spiffe_rules_agree_with_the_readme_examples() -> None:
     assert configured_rule(Names((), (), ("legacy-client", "x"))) is None
     assert configured_rule(Names((), ("spiffe://example.org/ci/x",), ())) is None
     assert fnmatchcase(".runners.example", "*.runners.example")  # `*` matches nothing too
+
+
+def test_a_certificate_that_makes_a_library_warn_is_logged_as_one_line(
+    pki: Pki, restore_logging: None
+) -> None:
+    """Found by test_certificate_names: reading a client certificate whose CN is longer than
+    X.509's 64 characters makes cryptography warn (UserWarning). Python writes warnings to
+    stderr itself: two lines of plain text in a stream of JSON log lines, written synchronously
+    on the event loop. The broker's logging takes them: one log line, on `py.warnings`."""
+    stream = io.StringIO()
+    cert, _ = client_cert(pki.ca, cn="c" * 100, unchecked=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # whether it warned before in this process or not
+        setup_logging(LogSettings(format="json"), stream)
+        identity = certificate_identity(cert)
+    assert identity is not None and identity.name == "c" * 100
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    [warned] = [line for line in lines if line["logger"] == "py.warnings"]
+    assert warned["level"] == "warning" and "UserWarning" in warned["message"]

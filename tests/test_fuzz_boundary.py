@@ -75,6 +75,9 @@ from broker.logs import setup_logging
 from broker.receive import REASON_REQUEST_MALFORMED
 from broker.server import MAX_RECEIVE_MESSAGE_BYTES
 
+# cryptography warns about the CNs longer than 64 characters these tests draw (it reads them).
+pytestmark = pytest.mark.filterwarnings("ignore:Attribute's length must be:UserWarning")
+
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
 RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -570,8 +570,9 @@ async def test_what_grpc_refuses_before_the_broker(target: Target) -> None:
 
 SPIFFE_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 SPIFFE_ID = re.compile(r"spiffe://[a-z0-9._-]{1,255}(/[^/]*)*")
-# Names beyond this make certificates that gRPC's TLS refuses during the handshake (in
-# grpcio 1.85, between ~8 KB and ~64 KB of certificate), before the broker sees the call.
+# Names beyond this make certificates that gRPC drops the connection for, right after the
+# handshake (grpcio 1.85, certificates of ~9 KB to ~64 KB: "SSL_write failed with error
+# SSL_ERROR_WANT_WRITE" in its log), before the broker sees any call.
 MAX_NAMES_CHARS = 6000
 
 

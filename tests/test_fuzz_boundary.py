@@ -28,6 +28,10 @@ values, uppercase or malformed keys, text under a `-bin` key), and gRPC's server
 metadata beyond its limits (8 KiB, then 16 KiB) with RESOURCE_EXHAUSTED before the broker
 sees the call: test_what_grpc_refuses_before_the_broker pins both, and the properties draw
 metadata the client sends, of any size around those limits.
+
+What the fuzzing found: a client certificate whose CN is longer than 64 characters made
+cryptography write a warning to stderr, outside the broker's log lines (now a log record:
+test_a_certificate_that_makes_a_library_warn_is_logged_as_one_line).
 """
 
 from __future__ import annotations

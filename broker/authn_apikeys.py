@@ -7,7 +7,9 @@ The broker never stores a key, only `sha256(key)` in hex mapped to an identity n
       - name: ci-deployer
         sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
 
-The presented key's hash is compared with every configured hash in constant time.
+The presented key's hash is compared with every configured hash in constant time. The file
+must have its `keys` list: `keys: []` revokes every key of the file, while a file that is
+missing, empty or without `keys` is refused and the last good keys stay in force.
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ FILE_KEY = "authentication.apiKeys.file"
 class _ApiKeyFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    keys: tuple[ApiKeyEntry, ...] = ()
+    # Required: revoking every key of the file takes an explicit `keys: []`. A file that
+    # says nothing of keys (`{}`, a half-rendered template) is refused, and the last good
+    # keys stay in force, as for a file that is missing or empty.
+    keys: tuple[ApiKeyEntry, ...]
 
 
 def parse_api_key_file(data: bytes, path: Path) -> tuple[ApiKeyEntry, ...]:

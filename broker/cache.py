@@ -37,6 +37,17 @@ attempt. A definitive answer (NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION,
 service account or bound object is gone, the broker lost its RBAC grant) drops the entry and is
 surfaced: the old token is known to be stale or no longer the broker's to hand out.
 
+Deleted service accounts: a cached token stays what it was when minted, and is served until its
+refresh point even if its service account has been deleted since (the API server then refuses
+it: it checks that the service account named in the token still exists with the token's UID),
+because knowing sooner would cost an API call per hit or a watch on service accounts (RBAC the
+broker does not otherwise need). But what the API server's own answers show is acted on: a
+NOT_FOUND for the service account itself (a refresh, or any request for it) drops every cached
+token of that service account, and a token minted for it with another
+`kubernetes.io.serviceaccount.uid` (deleted and recreated) drops the ones of the old UID. The
+most recent answer wins: a token minted before a recreation but answered after it may drop
+the new ones once, which only costs a mint.
+
 Refresh-ahead (`refreshAhead`): a key is *hot* when it was requested within the refresh window
 (the last 20% of its lifetime) before its refresh point. Hot keys are refreshed in the
 background at their refresh point (the task started by `start()`, or `run_maintenance()`), and
@@ -73,7 +84,7 @@ from broker.issued_token import read_token
 from broker.lifetime import REFRESH_FRACTION, default_jitter, lifetime_seconds, refresh_due_at
 from broker.policy import Decision
 from broker.reasons import Reason
-from broker.upstream import UpstreamResult
+from broker.upstream import METADATA_KUBERNETES_KIND, UpstreamResult
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +185,8 @@ class CacheEntry:
     seq: int
     # The last refresh failed then (None: none failed since the token was minted).
     failed_at: float | None = None
+    # The token's `kubernetes.io.serviceaccount.uid` (None if it has none).
+    service_account_uid: str | None = None
 
     @property
     def expires_at(self) -> float:
@@ -273,6 +286,8 @@ class TokenCache:
         self._clock = clock
         self._jitter = jitter
         self._entries: OrderedDict[CacheKey, CacheEntry] = OrderedDict()
+        # The keys of each service account's entries, (namespace, name) -> keys.
+        self._by_account: dict[tuple[str, str], set[CacheKey]] = {}
         # (when, seq, key) min-heaps; stale items (replaced or evicted entries) are skipped.
         self._expiry_heap: list[tuple[float, int, CacheKey]] = []
         self._refresh_heap: list[tuple[float, int, CacheKey]] = []
@@ -483,6 +498,8 @@ class TokenCache:
     ) -> None:
         if refresh:
             self.stats.refresh_failures += 1
+        if _service_account_not_found(exc):
+            self._forget_service_account(key, current_uid=None)
         entry = self._entries.get(key)
         what = "background refresh" if background else ("refresh" if refresh else "fetch")
         code = exc.code.name if isinstance(exc, BrokerError) else type(exc).__name__
@@ -523,24 +540,59 @@ class TokenCache:
             last_access=old.last_access if old is not None else now,
             fetch=fetch,
             seq=next(self._seq),
+            service_account_uid=read_token(result.token_request.status.token).service_account_uid,
         )
         # A background refresh keeps the key's LRU place; a request makes it the most recent.
         self._entries[key] = entry
+        self._by_account.setdefault(_account(key), set()).add(key)
         if not background:
             self._entries.move_to_end(key)
+        if entry.service_account_uid is not None:
+            self._forget_service_account(key, current_uid=entry.service_account_uid)
         heapq.heappush(self._expiry_heap, (entry.expires_at, entry.seq, key))
         if self._settings.refresh_ahead:
             heapq.heappush(self._refresh_heap, (entry.refresh_at, entry.seq, key))
             self._wakeup.set()
         while len(self._entries) > self._settings.max_entries:
-            self._entries.popitem(last=False)
+            evicted, _ = self._entries.popitem(last=False)
+            self._unindex(evicted)
             self.stats.evictions += 1
         self._compact()
         self.stats.size = len(self._entries)
 
     def _remove(self, key: CacheKey) -> None:
         self._entries.pop(key, None)
+        self._unindex(key)
         self.stats.size = len(self._entries)
+
+    def _unindex(self, key: CacheKey) -> None:
+        keys = self._by_account.get(_account(key))
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_account[_account(key)]
+
+    def _forget_service_account(self, key: CacheKey, *, current_uid: str | None) -> None:
+        """Drop the cached tokens of `key`'s service account that the API server's answer
+        shows dead: minted for another UID than `current_uid`, or all of them (None: the
+        service account is gone)."""
+        stale = [
+            other
+            for other in self._by_account.get(_account(key), ())
+            if current_uid is None
+            or self._entries[other].service_account_uid not in (None, current_uid)
+        ]
+        for other in stale:
+            self._remove(other)
+        if stale:
+            why = "is gone" if current_uid is None else "was recreated (another UID)"
+            logger.info(
+                "token cache: dropped %d token(s) of %s/%s: the service account %s",
+                len(stale),
+                key.namespace,
+                key.service_account,
+                why,
+            )
 
     # --- maintenance ----------------------------------------------------------------------
 
@@ -625,6 +677,7 @@ class TokenCache:
             await asyncio.wait(tasks)
         self._flights.clear()
         self._entries.clear()
+        self._by_account.clear()
         self._expiry_heap.clear()
         self._refresh_heap.clear()
         self.stats.size = 0
@@ -647,6 +700,20 @@ def token_lifetime(token_request: pb.TokenRequest) -> float | None:
     spec = token_request.spec
     granted = spec.expiration_seconds if spec.HasField("expiration_seconds") else None
     return lifetime_seconds(ts.seconds + ts.nanos / 1e9, issued, granted)
+
+
+def _account(key: CacheKey) -> tuple[str, str]:
+    return (key.namespace, key.service_account)
+
+
+def _service_account_not_found(exc: Exception) -> bool:
+    """The API server answered that the service account itself does not exist (not, say, a
+    bound Pod: that NOT_FOUND names another kind)."""
+    return (
+        isinstance(exc, BrokerError)
+        and exc.code == grpc.StatusCode.NOT_FOUND
+        and exc.metadata.get(METADATA_KUBERNETES_KIND) == "serviceaccounts"
+    )
 
 
 def _copy(result: UpstreamResult) -> UpstreamResult:

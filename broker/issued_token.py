@@ -51,6 +51,9 @@ class TokenFacts:
     expires_at: float | None = None
     # `kubernetes.io.warnafter`: only on tokens the API server extended.
     warn_after: float | None = None
+    # `kubernetes.io.serviceaccount.uid`: which service account of that name it was minted for
+    # (a deleted and recreated one has another UID).
+    service_account_uid: str | None = None
 
     @property
     def lifetime_seconds(self) -> int | None:
@@ -103,12 +106,17 @@ def _decode(token: str, fingerprint: str) -> TokenFacts:
         return TokenFacts(fingerprint=fingerprint)
     jti = claims.get("jti")
     private = claims.get("kubernetes.io")
+    if not isinstance(private, dict):
+        private = {}
+    account = private.get("serviceaccount")
+    uid = account.get("uid") if isinstance(account, dict) else None
     return TokenFacts(
         fingerprint=fingerprint,
         jti=jti if isinstance(jti, str) and jti else None,
         issued_at=numeric_date(claims.get("iat")),
         expires_at=numeric_date(claims.get("exp")),
-        warn_after=numeric_date(private.get("warnafter")) if isinstance(private, dict) else None,
+        warn_after=numeric_date(private.get("warnafter")),
+        service_account_uid=uid if isinstance(uid, str) and uid else None,
     )
 
 

@@ -263,6 +263,10 @@ def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> loggin
     logging.logMultiprocessing = False
     # The Kubernetes client logs request and response bodies (tokens) at debug level.
     logging.getLogger("kubernetes").setLevel(max(root.level, logging.INFO))
+    # Python writes warnings (a library's, e.g. cryptography's about a client certificate's
+    # CN) to stderr itself: plain text among the log lines, and a blocking write. Log them
+    # (logger `py.warnings`, level WARNING) like any record.
+    logging.captureWarnings(True)
     return handler
 
 

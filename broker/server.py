@@ -121,7 +121,8 @@ class BrokerServer:
     """The broker's gRPC server. `start()`, then `stop()` (or use `async with`).
 
     An upstream passed in belongs to the caller; one created by `start()` is closed by `stop()`.
-    `clock` (monotonic seconds) drives readiness's "unreachable for how long" (tests).
+    `clock` (monotonic seconds) drives readiness's "unreachable for how long" and the token
+    cache's freshness (tests).
     `reuse_port`: bind the TCP listeners with SO_REUSEPORT, shared with the other workers of
     `serve --workers N` (broker.workers); off otherwise, so a busy port fails the start.
 
@@ -146,6 +147,7 @@ class BrokerServer:
         self._reuse_port = reuse_port
         self._given_upstream = upstream
         self.metrics = BrokerMetrics(settings.metrics)
+        self._clock = clock
         self.readiness = Readiness(
             unreachable_after_seconds=settings.readiness.unreachable_after_seconds,
             **({"clock": clock} if clock is not None else {}),
@@ -321,7 +323,9 @@ class BrokerServer:
         self.metrics.watch_audit(audit)
         self.readiness.watch_audit(audit)
         cache = TokenCache(
-            settings.cache, fetch_timeout=settings.kubernetes.request_timeout_seconds
+            settings.cache,
+            fetch_timeout=settings.kubernetes.request_timeout_seconds,
+            **({"clock": self._clock} if self._clock is not None else {}),
         )
         # Background refreshes end before the upstream client closes under them.
         stack.push_async_callback(cache.close)

@@ -54,6 +54,9 @@ from broker.validation import MESSAGE_BUDGET, fit_violations, truncate_utf8
 
 logger = logging.getLogger(__name__)
 
+# ErrorInfo metadata of an API-server refusal: the Status details' kind (e.g. serviceaccounts).
+METADATA_KUBERNETES_KIND = "kubernetesKind"
+
 # Do not start (or sleep before) an attempt with less time than this left: it cannot finish.
 MIN_ATTEMPT_SECONDS = 0.05
 # Metadata values are bounded: Status details echo caller input.
@@ -526,7 +529,7 @@ def _status_failure(status: int, headers: Mapping[str, str], raw: bytes) -> _Fai
     raw_details = parsed.get("details")
     details: dict[str, Any] = raw_details if isinstance(raw_details, dict) else {}
     metadata = {"kubernetesReason": reason or "Unknown", "kubernetesCode": str(status)}
-    for key, meta_key in (("kind", "kubernetesKind"), ("name", "kubernetesName")):
+    for key, meta_key in (("kind", METADATA_KUBERNETES_KIND), ("name", "kubernetesName")):
         value = details.get(key)
         if isinstance(value, str) and value:
             metadata[meta_key] = truncate_utf8(value, _METADATA_VALUE_LIMIT)

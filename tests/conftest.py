@@ -216,6 +216,7 @@ def restore_logging() -> Iterator[None]:
     saved = {name: getattr(logging, name) for name in lookups}
     yield
     stop_log_writer()
+    logging.captureWarnings(False)
     for handler in list(root.handlers):
         root.removeHandler(handler)
     for handler in handlers:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from prometheus_client import generate_latest
 
 from broker.emulator import tokens as emulator_tokens
 from broker.errors import BrokerError
-from broker.logs import JsonFormatter, RedactFilter
+from broker.logs import JsonFormatter, RedactFilter, extra_fields
 from broker.metrics import BrokerMetrics
 
 # Loggers of the tests themselves (they log fake tokens on purpose, e.g. tests/test_logs.py).
@@ -87,6 +88,24 @@ class _BrokerOutput(logging.Handler):
             SUITE.add(f"log:{record.name}", self._json.format(line))
         except Exception:
             self.handleError(record)
+
+
+def record_text(record: logging.LogRecord) -> str:
+    """The full text of a record as the code logged it, before any filter or formatter: its
+    logger, message, extra fields, exception and stack (for scans of what was logged)."""
+    try:
+        message = record.getMessage()
+    except (TypeError, ValueError):
+        message = f"{record.msg!r} {record.args!r}"
+    parts = [record.name, message]
+    parts += [f"{k}={v!r}" for k, v in extra_fields(record).items()]
+    if record.exc_info:
+        parts.append("".join(traceback.format_exception(*record.exc_info)))
+    if record.exc_text:
+        parts.append(record.exc_text)
+    if record.stack_info:
+        parts.append(record.stack_info)
+    return "\n".join(parts)
 
 
 def _recording(original: Callable[..., Any], record: Callable[..., None]) -> Callable[..., Any]:

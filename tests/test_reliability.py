@@ -38,7 +38,6 @@ import shutil
 import signal
 import tempfile
 import time
-import traceback
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -64,10 +63,12 @@ from conftest import (
     broker_settings,
     create_request,
 )
+from fuzz_support import FUZZ_SETTINGS
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from suite_secrets import record_text
 
 from broker.config import AuditSettings, KubernetesSettings
 from broker.emulator import Emulator
@@ -80,7 +81,6 @@ from broker.errors import (
 )
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
-from broker.logs import extra_fields
 from broker.reasons import Reason
 from broker.server import SERVICE_NAME, BrokerServer
 from broker.validation import validate_create_token
@@ -113,19 +113,7 @@ class _Collector(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            try:
-                message = record.getMessage()
-            except (TypeError, ValueError):
-                message = f"{record.msg!r} {record.args!r}"
-            parts = [record.name, message]
-            parts += [f"{k}={v!r}" for k, v in extra_fields(record).items()]
-            if record.exc_info:
-                parts.append("".join(traceback.format_exception(*record.exc_info)))
-            if record.exc_text:
-                parts.append(record.exc_text)
-            if record.stack_info:
-                parts.append(record.stack_info)
-            capture(f"log:{record.name}", "\n".join(parts))
+            capture(f"log:{record.name}", record_text(record))
         except Exception:
             self.handleError(record)
 
@@ -680,17 +668,7 @@ async def fuzz_rig(
         await no_new_tasks(before)
 
 
-@settings(
-    max_examples=150,
-    deadline=None,
-    database=None,  # nothing written to the repository
-    suppress_health_check=[
-        HealthCheck.function_scoped_fixture,
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-        HealthCheck.large_base_example,
-    ],
-)
+@settings(FUZZ_SETTINGS, max_examples=150)
 @given(req=create_token_requests())
 async def test_fuzz_every_request_field(fuzz_rig: FuzzRig, req: pb.CreateTokenRequest) -> None:
     rig = fuzz_rig

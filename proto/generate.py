@@ -1,6 +1,6 @@
 """Generate the Python code (and .pyi stubs) for proto/ into broker/gen/.
 
-Run it with `make proto`. tests/test_proto.py regenerates into a temporary
+Run it with `make proto`. tests/packaging/test_proto.py regenerates into a temporary
 directory and fails when the checked-in code is stale.
 """
 

@@ -1,104 +1,83 @@
-"""Shared fixtures: the real path, end to end.
+"""Fixtures and hooks of the whole suite.
 
-grpc.aio client stub -> the broker's BrokerServer -> kubernetes.aio -> the API-server
-emulator over HTTPS. Nothing on the path is stubbed; failures are injected with the
-emulator's own fault knobs.
+The fixtures start the real path, end to end: grpc.aio client stub -> the broker's
+BrokerServer -> kubernetes.aio -> the API-server emulator over HTTPS. Nothing on the path is
+stubbed; failures are injected with the emulator's own fault knobs. The names, callers and
+settings they use are in tests/support/stack.py.
 
 Per-test knobs:
 - `@pytest.mark.emulator_config(max_expiration_seconds=3600, node_binding=True, ...)`
 - `@pytest.mark.retry(max_attempts=2, max_retry_after_seconds=0.5, ...)`
+
+The hooks mark each test with its kind, its folder (`unit`, `e2e`, `emulator`, `client`,
+`packaging`: `pytest -m unit`), and run the tests that check what other tests left behind
+after them.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
-import suite_secrets
 from grpc import aio
 
-from broker.authn import hash_api_key
-from broker.config import KubernetesSettings, RetrySettings, Settings, load_settings
+from broker.config import KubernetesSettings, RetrySettings
 from broker.emulator import Emulator, EmulatorConfig
-from broker.errors import RichStatus, rich_status_from_call
-from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
 from broker.logs import stop_log_writer
 from broker.server import BrokerServer
 from broker.upstream import UpstreamClient
-
-pytest_plugins = ["emulator_support", "cli_support"]  # shared fixtures; rewritten asserts
-
-NAMESPACE = "demo"
-OTHER_NAMESPACE = "other"  # exists, but the broker's user has no RBAC grant there
-SERVICE_ACCOUNT = "build-robot"
-OTHER_SERVICE_ACCOUNT = "db-robot"
-POD = "web-0"
-OTHER_POD = "db-0"  # runs as OTHER_SERVICE_ACCOUNT
-SECRET = "s1"
-NODE = "node-1"
-BROKER_USER = "system:serviceaccount:token-broker:token-broker"
-BROKER_TOKEN = "broker-test-credential-5f2c9a"  # the broker's own bearer credential
-# The broker's callers: an API key (over TCP) and the unix socket's fixed identity.
-CALLER = "test-caller"
-CALLER_KEY = "tbk_test-caller-key-3c1d8e0f9a"
-CALLER_METADATA = (("authorization", f"Bearer {CALLER_KEY}"),)
-LOCAL_CALLER = "test-local"
-CORE_POLICY = Path(__file__).parent / "data" / "core-policy.yaml"
-
-SEED: dict[str, Any] = {
-    "namespaces": [
-        {
-            "name": NAMESPACE,
-            "serviceAccounts": [{"name": SERVICE_ACCOUNT}, {"name": OTHER_SERVICE_ACCOUNT}],
-            "pods": [
-                {"name": POD, "serviceAccountName": SERVICE_ACCOUNT, "nodeName": NODE},
-                {"name": OTHER_POD, "serviceAccountName": OTHER_SERVICE_ACCOUNT},
-            ],
-            "secrets": [{"name": SECRET}],
-        },
-        {"name": OTHER_NAMESPACE, "serviceAccounts": [{"name": SERVICE_ACCOUNT}]},
-    ],
-    "nodes": [{"name": NODE}],
-    "users": [{"token": BROKER_TOKEN, "name": BROKER_USER}],
-    "rbac": [{"user": BROKER_USER, "namespaces": [NAMESPACE]}],
-}
-
-# Fast retries for the suite; the deadline logic does not depend on the values.
-TEST_RETRY = {
-    "max_attempts": 4,
-    "initial_backoff_seconds": 0.01,
-    "max_backoff_seconds": 0.05,
-    "max_retry_after_seconds": 5.0,
-}
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "emulator_config(**fields): EmulatorConfig overrides")
-    config.addinivalue_line("markers", "retry(**fields): RetrySettings overrides")
-
-
-# The suite-wide secrets scan (tests/suite_secrets.py): collected all session, checked by the
-# last test of the session.
-SECRETS_SCAN_TEST = (
-    "test_secrets_suite.py::test_no_token_or_credential_in_anything_the_broker_wrote"
+from tests.support import suite_secrets
+from tests.support.stack import (
+    BROKER_TOKEN,
+    CALLER_KEY,
+    SEED,
+    TEST_RETRY,
+    BearerCredential,
+    RunningBroker,
+    broker_settings,
 )
 
+TESTS = Path(__file__).parent
+# The folders of the suite, each the marker of its tests (registered in pyproject.toml).
+KINDS = ("unit", "e2e", "emulator", "client", "packaging")
 
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        kind = item.path.relative_to(TESTS).parts[0]
+        if kind in KINDS:
+            item.add_marker(kind)
+    run_checks_last(items)
+
+
+def run_checks_last(items: list[pytest.Item]) -> None:
+    """Tests that check what the tests before them left behind run after them, whatever the
+    order of the files: `last_in_session` (the suite-wide secrets scan) after every other test,
+    `last_in_module` after the other tests of its module."""
+    modules: dict[Path, int] = {}
+    for item in items:
+        modules.setdefault(item.path, len(modules))
+
+    def place(item: pytest.Item) -> tuple[bool, int, bool]:
+        return (
+            item.get_closest_marker("last_in_session") is not None,
+            modules[item.path],
+            item.get_closest_marker("last_in_module") is not None,
+        )
+
+    items.sort(key=place)  # stable: the order within each group stays
+
+
+# The suite-wide secrets scan (tests/support/suite_secrets.py): collected all session, checked
+# by tests/test_secrets_suite.py, the last test of the session.
 @pytest.fixture(scope="session", autouse=True)
 def _watch_the_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     yield from suite_secrets.watch(tmp_path_factory)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The suite-wide secrets scan runs after every other test."""
-    last = [item for item in items if item.nodeid.endswith(SECRETS_SCAN_TEST)]
-    items[:] = [item for item in items if item not in last] + last
 
 
 @pytest.fixture(autouse=True)
@@ -147,65 +126,6 @@ async def upstream(kubernetes_settings: KubernetesSettings) -> AsyncIterator[Ups
         await client.close()
 
 
-@dataclass(frozen=True)
-class RunningBroker:
-    address: str
-    upstream: UpstreamClient
-    server: BrokerServer
-
-
-def broker_settings(
-    kube: KubernetesSettings,
-    *,
-    policy: Path = CORE_POLICY,
-    cache: dict[str, Any] | None = None,
-    rate_limit: dict[str, Any] | None = None,
-    **server: Any,
-) -> Settings:
-    """Settings for a broker on 127.0.0.1:<free port>, plaintext unless TLS is given.
-
-    Callers authenticate with CALLER_KEY (identity CALLER) or, on a unix socket, as
-    LOCAL_CALLER; `policy` decides (default: the permissive core-tests policy). The token
-    cache and the rate limits are off unless their settings are given: most tests count what
-    reaches the API server per call, and some call in bursts.
-    """
-    server.setdefault("listen", "127.0.0.1:0")
-    if server["listen"] is not None and "tls" not in server:
-        server.setdefault("allow_plaintext", True)
-    return load_settings(
-        None,
-        {
-            "server": server,
-            "kubernetes": kube,
-            "cache": cache if cache is not None else {"enabled": False},
-            "rateLimit": rate_limit if rate_limit is not None else {"enabled": False},
-            **access_config(policy),
-        },
-    )
-
-
-def access_config(policy: Path = CORE_POLICY) -> dict[str, Any]:
-    """The `authentication` and `policy` settings of the test callers (YAML-ready)."""
-    return {
-        "authentication": {
-            "apiKeys": {"keys": [{"name": CALLER, "sha256": hash_api_key(CALLER_KEY)}]},
-            "unixSocket": {"identity": LOCAL_CALLER},
-        },
-        "policy": {"file": str(policy)},
-    }
-
-
-class BearerCredential(aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    """Adds `authorization: Bearer <credential>` to every call of a channel."""
-
-    def __init__(self, credential: str) -> None:
-        self._metadata = ("authorization", f"Bearer {credential}")
-
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        metadata = aio.Metadata(*(details.metadata or ()), self._metadata)
-        return await continuation(details._replace(metadata=metadata), request)
-
-
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
     """Put the root logger's handlers and level back after a test that sets up logging."""
@@ -251,46 +171,3 @@ async def channel(broker: RunningBroker) -> AsyncIterator[aio.Channel]:
 @pytest.fixture
 def stub(channel: aio.Channel) -> pb_grpc.TokenBrokerServiceStub:
     return pb_grpc.TokenBrokerServiceStub(channel)
-
-
-# --- helpers used across test modules ------------------------------------------------------
-
-
-def create_request(
-    namespace: str = NAMESPACE,
-    service_account: str = SERVICE_ACCOUNT,
-    *,
-    audiences: list[str] | None = None,
-    expiration_seconds: int | None = None,
-    bound: pb.BoundObjectReference | None = None,
-    metadata_name: str = "",
-    dry_run: list[str] | None = None,
-    field_manager: str = "",
-    field_validation: str = "",
-) -> pb.CreateTokenRequest:
-    spec = pb.TokenRequestSpec(audiences=audiences or [])
-    if expiration_seconds is not None:
-        spec.expiration_seconds = expiration_seconds
-    if bound is not None:
-        spec.bound_object_ref.CopyFrom(bound)
-    return pb.CreateTokenRequest(
-        namespace=namespace,
-        service_account=service_account,
-        token_request=pb.TokenRequest(metadata=pb.ObjectMeta(name=metadata_name), spec=spec),
-        dry_run=dry_run or [],
-        field_manager=field_manager,
-        field_validation=field_validation,
-    )
-
-
-async def call_error(
-    stub: pb_grpc.TokenBrokerServiceStub, request: pb.CreateTokenRequest, timeout: float = 10.0
-) -> RichStatus:
-    """Call CreateToken expecting a failure; the decoded rich status."""
-    try:
-        await stub.CreateToken(request, timeout=timeout)
-    except aio.AioRpcError as err:
-        status = rich_status_from_call(err)
-        assert status.code not in (grpc.StatusCode.UNKNOWN,), status
-        return status
-    raise AssertionError("CreateToken succeeded; expected an error")

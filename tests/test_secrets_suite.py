@@ -1,21 +1,25 @@
 """After the whole suite: no issued token and no credential in anything the broker wrote or
-answered (tests/suite_secrets.py collects it; conftest.py runs this test last)."""
+answered (tests/support/suite_secrets.py collects it; tests/conftest.py runs this test last, by
+its `last_in_session` marker)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from conftest import BROKER_TOKEN, CALLER_KEY
-from emulator_support import BROKER_TOKEN as EMULATOR_TESTS_BROKER_TOKEN
-from suite_secrets import SUITE
+
+from tests.support.emulator import BROKER_TOKEN as EMULATOR_TESTS_BROKER_TOKEN
+from tests.support.stack import BROKER_TOKEN, CALLER_KEY
+from tests.support.suite_secrets import SUITE
 
 
+@pytest.mark.last_in_session
 def test_no_token_or_credential_in_anything_the_broker_wrote(
     request: pytest.FixtureRequest,
 ) -> None:
-    ran = {item.path.name for item in request.session.items}
-    if ran != {path.name for path in Path(__file__).parent.glob("test_*.py")}:
+    # Every test module of every folder, or the scan would miss what the others wrote.
+    ran = {item.path for item in request.session.items}
+    if ran != set(Path(__file__).parent.rglob("test_*.py")):
         pytest.skip("a selection of the suite ran: the scan is for the whole suite")
     assert SUITE.tokens, "the suite issued no token?"
     texts = SUITE.everything()

@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint typecheck proto proto-lint pytest bench clean helm
+.PHONY: venv run test unit lint typecheck proto proto-lint pytest bench clean helm
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ pytest: venv $(BIN)/helm
 	$(BIN)/pytest -q
 
 test: lint typecheck proto-lint pytest
+
+## The quick loop: the unit tests only (tests/unit; no emulator, no broker server, no helm).
+unit: venv
+	$(BIN)/pytest -q -m unit
 
 bench: venv
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'

@@ -10,6 +10,7 @@ import grpc
 from grpc import aio
 
 from broker.errors import RETRY_PUSHBACK_TRAILER, FieldViolation, rich_status_from_call
+from broker.reasons import Reason
 
 # FieldViolation: the one definition (broker.errors), as the server sends it.
 __all__ = ["FieldViolation", "TokenBrokerError"]
@@ -76,8 +77,23 @@ class TokenBrokerError(Exception):
         )
 
     @property
+    def catalogued(self) -> Reason | None:
+        """The catalogue's entry of this error's reason (broker.reasons: code, whether a
+        retry can help, meaning, what to do); None for a reason it does not list (another
+        server, a newer broker)."""
+        try:
+            reason = Reason(self.reason)
+        except ValueError:
+            return None
+        return reason if reason.domain == self.domain else None
+
+    @property
     def retryable(self) -> bool:
-        """UNAVAILABLE; RESOURCE_EXHAUSTED only with a retry delay from the server."""
+        """UNAVAILABLE; RESOURCE_EXHAUSTED only with a retry delay from the server; never a
+        reason the catalogue says a retry cannot help."""
+        entry = self.catalogued
+        if entry is not None and not entry.retryable:
+            return False
         if self.code == grpc.StatusCode.UNAVAILABLE:
             return True
         return self.code == grpc.StatusCode.RESOURCE_EXHAUSTED and self.retry_delay is not None

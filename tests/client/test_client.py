@@ -335,3 +335,40 @@ async def test_grpc_accepts_and_applies_the_service_config(scripted: ScriptedBro
             await client.create_token("demo", "sa")
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "service config" in info.value.message
+
+
+def test_errors_are_read_with_the_reason_catalogue() -> None:
+    """The client knows each broker reason from the catalogue (broker.reasons): what it
+    means, what to do, and whether retrying can help; an unknown reason or another domain
+    falls back to the status code's rule."""
+    from broker.client.errors import TokenBrokerError
+    from broker.reasons import ERROR_DOMAIN
+
+    throttled = TokenBrokerError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "rate limit exceeded",
+        reason=Reason.RATE_LIMITED,
+        domain=ERROR_DOMAIN,
+        retry_delay=0.5,
+    )
+    assert throttled.catalogued is Reason.RATE_LIMITED
+    assert throttled.retryable
+    denied = TokenBrokerError(
+        grpc.StatusCode.PERMISSION_DENIED,
+        "no rule",
+        reason=Reason.NO_MATCHING_RULE,
+        domain=ERROR_DOMAIN,
+        retry_delay=1.0,  # even with a delay: the catalogue says a retry cannot help
+    )
+    assert denied.catalogued is Reason.NO_MATCHING_RULE
+    assert not denied.retryable
+    foreign = TokenBrokerError(
+        grpc.StatusCode.UNAVAILABLE, "x", reason=Reason.RATE_LIMITED, domain="example.com"
+    )
+    assert foreign.catalogued is None
+    assert foreign.retryable  # UNAVAILABLE: the code's rule
+    unknown = TokenBrokerError(
+        grpc.StatusCode.UNAVAILABLE, "x", reason="SOMETHING_NEW", domain=ERROR_DOMAIN
+    )
+    assert unknown.catalogued is None
+    assert unknown.retryable

@@ -87,6 +87,12 @@ class Readiness:
         """Clock time of the API server's last non-5xx answer."""
         return self._last_success
 
+    def last_success_timestamp(self) -> float | None:
+        """The API server's last non-5xx answer in seconds since the epoch (for metrics)."""
+        if self._last_success is None:
+            return None
+        return time.time() - (self._clock() - self._last_success)
+
     def record(self, reachable: bool) -> None:
         """One outcome: the API server answered (non-5xx), or it did not."""
         now = self._clock()

@@ -108,6 +108,7 @@ class BrokerServer:
         )
         self.readiness.add_listener(self._readiness_changed)
         self.metrics.watch_readiness(lambda: self.readiness.state().ready)
+        self.metrics.watch_kubernetes_api(self.readiness.last_success_timestamp)
         self._prober: KubernetesProber | None = None
         self._prober_task: asyncio.Task[None] | None = None
         self._admin: AdminServer | None = None
@@ -221,9 +222,6 @@ class BrokerServer:
             self._audit = await AuditLog.from_settings(self.settings.audit)
             if self._upstream is None:
                 self._upstream = await UpstreamClient.from_settings(self.settings.kubernetes)
-            self.metrics.watch_policy(
-                self._policy if isinstance(self._policy, PolicyStore) else None
-            )
             self.metrics.watch_audit(self._audit)
             self.readiness.watch_audit(self._audit)
             self._cache = TokenCache(

@@ -6,7 +6,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
-# What is installed in $(VENV): the runtime dependencies, and (on top) the [dev] extra.
+# What is installed in $(VENV): the runtime dependencies, and (on top) the [dev] extra;
+# broker/__init__.py holds the version, which the installed metadata must follow.
 RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
@@ -15,11 +16,11 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(RUN_STAMP): pyproject.toml constraints.txt | $(BIN)/python
+$(RUN_STAMP): pyproject.toml constraints.txt broker/__init__.py | $(BIN)/python
 	$(PIP) -e .
 	touch $(RUN_STAMP)
 
-$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+$(STAMP): pyproject.toml constraints.txt broker/__init__.py | $(BIN)/python
 	$(PIP) -e '.[dev]'
 	touch $(STAMP) $(RUN_STAMP)
 

@@ -11,7 +11,7 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c const
 RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint typecheck proto proto-lint pytest bench clean helm promtool image
+.PHONY: venv run test lint typecheck proto proto-lint pytest bench clean helm promtool image image-base
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,13 +71,38 @@ bench: venv
 	$(PIP) -e '.[dev,bench]'
 	$(BIN)/python -m bench
 
-## The container image with a daemonless builder (buildah or podman), when one works here;
-## not part of `make test`. IMAGE names the tag; PYTHON_IMAGE the base (see the Dockerfile).
-IMAGE ?= token-broker:dev
+## The container image, built with buildah (Debian's package; no daemon, no Docker engine);
+## not part of `make test`. IMAGE names the tag; PYTHON_IMAGE the base (the Dockerfile's
+## default: python:3.11-slim, from a container registry).
+IMAGE ?= localhost/token-broker:dev
+PYTHON_IMAGE ?=
 image:
-	@builder=$$(command -v buildah || command -v podman) || { \
-	  echo "make image: needs buildah or podman (or: docker build -t $(IMAGE) .)"; exit 1; }; \
-	set -x; "$$builder" build --tag $(IMAGE) $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) .
+	@command -v buildah >/dev/null 2>&1 || { \
+	  apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends buildah; }
+	buildah bud --isolation chroot --tag $(IMAGE) \
+	  $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) .
+
+## Where no container registry is reachable (these machines): a stand-in for python:3.11-slim
+## built from Debian's packages (debootstrap: bookworm, its python3 3.11), with this machine's
+## CA bundle for pip. Then: make image PYTHON_IMAGE=$(BASE_IMAGE)
+BASE_IMAGE ?= localhost/python:3.11-bookworm
+BASE_ROOTFS := $(or $(TMPDIR),/tmp)/token-broker-base-rootfs
+image-base:
+	@command -v buildah >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1 || { \
+	  apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends buildah debootstrap; }
+	rm -rf $(BASE_ROOTFS) && mkdir -p $(BASE_ROOTFS)
+	debootstrap --variant=minbase --include=python3,python3-venv,python-is-python3,ca-certificates \
+	  bookworm $(BASE_ROOTFS)/rootfs
+	tar -C $(BASE_ROOTFS)/rootfs -cf $(BASE_ROOTFS)/rootfs.tar .
+	ctr=$$(buildah from scratch) && \
+	  buildah add $$ctr $(BASE_ROOTFS)/rootfs.tar / && \
+	  buildah copy $$ctr /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt && \
+	  buildah config --env PATH=/usr/local/bin:/usr/bin:/bin --env LANG=C.UTF-8 \
+	    --env PIP_CERT=/etc/ssl/certs/ca-certificates.crt --cmd python3 $$ctr && \
+	  buildah commit --rm $$ctr $(BASE_IMAGE)
+	rm -rf $(BASE_ROOTFS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -15,8 +15,9 @@ RUN python -m venv /opt/venv
 COPY pyproject.toml constraints.txt README.md ./
 COPY broker ./broker
 # Not editable: the package is copied into the venv (byte-compiled there, so the read-only
-# image never needs to write .pyc files). pip itself is not needed at run time.
-RUN /opt/venv/bin/pip install --constraint constraints.txt . \
+# image never needs to write .pyc files). With the redis extra (rateLimit.backend: redis).
+# pip itself is not needed at run time.
+RUN /opt/venv/bin/pip install --constraint constraints.txt ".[redis]" \
     && /opt/venv/bin/pip uninstall --yes pip
 
 # --- runtime: the venv only; no compiler, no pip in the venv, no source tree ---

@@ -11,13 +11,14 @@ at /metrics.
   policy allowed), reasons are the fixed ErrorInfo reasons, the upstream `code` is an HTTP
   status. A `caller` label exists only with `metrics.callerLabels`, and then only for the
   first `metrics.callerLabelLimit` identities (the rest are `other`).
-- Values other parts keep themselves (policy reloads, lost audit lines, cache statistics,
-  readiness) are read when scraped, by a custom collector.
+- Values other parts keep themselves (file reloads, lost audit lines, cache statistics,
+  readiness, the Kubernetes API's last answer) are read when scraped, by a custom collector.
+- The process (`process_*`: memory, CPU, open files, start time) and the interpreter
+  (`python_info`, `python_gc_*`), from prometheus_client's own collectors.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import platform
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,10 +28,19 @@ from typing import Any, Protocol
 
 import grpc
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from broker import __version__
 from broker.config import MetricsSettings
 from broker.upstream import AttemptOutcome
 
@@ -53,23 +63,6 @@ DEFAULT_EXPIRATION_SECONDS = 3600
 OTHER_CALLER = "other"
 
 
-def broker_version() -> str:
-    try:
-        return importlib.metadata.version("token-broker")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-class ReloadCounts(Protocol):
-    """What PolicyStore keeps."""
-
-    @property
-    def reload_count(self) -> int: ...
-
-    @property
-    def reload_failures(self) -> int: ...
-
-
 class RateLimitState(Protocol):
     """What RateLimiter keeps (broker.ratelimit)."""
 
@@ -89,6 +82,8 @@ class FollowedFile(Protocol):
     paths: tuple[Path, ...]
     reload_count: int
     reload_failures: int
+    # Why the file's current content is refused; None while it is the content in force.
+    last_error: str | None
 
 
 class AuditState(Protocol):
@@ -279,11 +274,17 @@ class BrokerMetrics:
             ("version", "python_version", "grpc_version"),
             registry=r,
         )
-        self.build_info.labels(broker_version(), platform.python_version(), grpc.__version__).set(1)
+        self.build_info.labels(__version__, platform.python_version(), grpc.__version__).set(1)
 
         # Read at scrape time.
         self._state = _StateCollector()
         r.register(self._state)
+        # What an operator graphs first: memory, CPU, open files, start time (process_*, Linux
+        # only: the collector reads /proc), the interpreter (python_info) and its garbage
+        # collector (python_gc_*). Per process: each worker of `serve --workers N` has its own.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
 
     # --- gRPC -----------------------------------------------------------------------------
 
@@ -353,10 +354,6 @@ class BrokerMetrics:
 
     # --- read at scrape time --------------------------------------------------------------
 
-    def watch_policy(self, source: ReloadCounts | None) -> None:
-        """Export the reload counters of this PolicyStore (None: a fixed policy, zeros)."""
-        self._state.policy = source
-
     def watch_rate_limiter(self, source: RateLimitState | None) -> None:
         """Export the limiter's bucket count, Redis state and Redis failures at each scrape."""
         self._state.rate_limiter = source
@@ -376,6 +373,11 @@ class BrokerMetrics:
 
     def watch_readiness(self, ready: Callable[[], bool] | None) -> None:
         self._state.ready = ready
+
+    def watch_kubernetes_api(self, last_success: Callable[[], float | None] | None) -> None:
+        """Export when the Kubernetes API server last answered (seconds since the epoch;
+        None: not yet), as readiness counts answers."""
+        self._state.kubernetes_api_last_success = last_success
 
     def watch_cache(self, stats: Callable[[], CacheStats] | None) -> None:
         """Read the cache's statistics at every scrape (e.g. `lambda: cache.stats`)."""
@@ -407,9 +409,9 @@ class _StateCollector(Collector):
     """Values kept elsewhere, read when scraped."""
 
     def __init__(self) -> None:
-        self.policy: ReloadCounts | None = None
         self.audit: AuditState | None = None
         self.ready: Callable[[], bool] | None = None
+        self.kubernetes_api_last_success: Callable[[], float | None] | None = None
         self.cache_source: Callable[[], CacheStats] | None = None
         self.cache = CacheSnapshot()
         self.rate_limiter: RateLimitState | None = None
@@ -442,17 +444,6 @@ class _StateCollector(Collector):
                     "1 while the shared rate limiter's Redis answers, else 0.",
                     value=int(available),
                 )
-        policy = self.policy
-        yield CounterMetricFamily(
-            "token_broker_policy_reloads",
-            "Policy file reloads that installed a new policy.",
-            value=policy.reload_count if policy is not None else 0,
-        )
-        yield CounterMetricFamily(
-            "token_broker_policy_reload_failures",
-            "Policy file versions refused (the last good policy stayed in force).",
-            value=policy.reload_failures if policy is not None else 0,
-        )
         yield from self._collect_audit()
         stats: CacheStats = self.cache_source() if self.cache_source is not None else self.cache
         cache = "token_broker_cache_"
@@ -478,6 +469,14 @@ class _StateCollector(Collector):
                 "1 when the broker is ready (policy loaded, audit log writable, Kubernetes API "
                 "reachable), else 0.",
                 value=1 if self.ready() else 0,
+            )
+        if self.kubernetes_api_last_success is not None:
+            last_success = self.kubernetes_api_last_success()
+            yield GaugeMetricFamily(
+                "token_broker_kubernetes_api_last_success_timestamp_seconds",
+                "When the Kubernetes API server last answered a call or the readiness probe "
+                "with a non-5xx status, in seconds since the epoch; 0: not yet.",
+                value=last_success if last_success is not None else 0,
             )
 
     def _collect_audit(self) -> Iterator[Metric]:
@@ -520,12 +519,20 @@ class _StateCollector(Collector):
             "Versions of a followed file that were refused (the last good one stayed in force).",
             labels=labels,
         )
+        successful = GaugeMetricFamily(
+            "token_broker_file_last_reload_successful",
+            "1 while a followed file's content is the one in force; 0 while its current "
+            "content is refused (the last good one stays in force until the file is fixed).",
+            labels=labels,
+        )
         for followed in self.files() if self.files is not None else ():
             values = [followed.what.lower().replace(" ", "_"), str(followed.paths[0])]
             reloads.add_metric(values, followed.reload_count)
             failures.add_metric(values, followed.reload_failures)
+            successful.add_metric(values, int(followed.last_error is None))
         yield reloads
         yield failures
+        yield successful
         if self.certificate_expiry is not None:
             yield GaugeMetricFamily(
                 "token_broker_tls_certificate_expiry_timestamp_seconds",

@@ -31,7 +31,8 @@ Backends (`rateLimit.backend`):
   UNAVAILABLE + RetryInfo, reason RATE_LIMIT_UNAVAILABLE (`refuse`); the transition is logged
   once (warning) and so is the recovery (info). While it is down Redis is tried again every
   `retryIntervalSeconds` by one call, not by every call. The password is read from
-  `passwordFile` for each new connection and never logged or repr'd.
+  `passwordFile` for each new connection and never logged or repr'd. The client library
+  (redis-py) is the `redis` extra, imported only for this backend.
 
 Why not the `limits` library (5.8.0, async memory + Redis storage), which the issue
 preferred if it fits: measured against our requirements (bench/ratelimit_eval.py; 100k keys,
@@ -60,6 +61,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import importlib
 import logging
 import math
 import time
@@ -69,12 +71,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import redis.asyncio as aioredis
 from google.rpc import error_details_pb2
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.credentials import CredentialProvider
-from redis.exceptions import RedisError
 
 from broker.config import ConfigError, RateLimitSettings, RateSettings, RedisSettings
 from broker.config import split_host_port as _split_host_port
@@ -268,9 +265,23 @@ return {1}
 """
 
 
-class PasswordFile(CredentialProvider):
+def import_redis() -> Any:
+    """redis-py's asyncio client: the `redis` extra, needed only by the Redis backend, so a
+    broker without it installed starts unless `rateLimit.backend` is `redis`."""
+    try:
+        return importlib.import_module("redis.asyncio")
+    except ImportError:
+        raise ConfigError(
+            "rateLimit.backend: redis needs the Redis client library (redis-py), which is not "
+            "installed: install the broker with its redis extra, "
+            "pip install 'token-broker[redis]'"
+        ) from None
+
+
+class PasswordFile:
     """The Redis password, read from its file for each new connection (so a rotated
-    Secret is picked up). Never logged; the repr names only the file."""
+    Secret is picked up). Never logged; the repr names only the file. A redis-py
+    CredentialProvider by its methods (redis is imported only for the Redis backend)."""
 
     def __init__(self, path: Path, username: str | None = None) -> None:
         self._path = path
@@ -293,6 +304,10 @@ class RedisBuckets:
     """GCRA state in Redis, shared by every broker using the same Redis and key prefix."""
 
     def __init__(self, client: Any, *, key_prefix: str, timeout: float, address: str) -> None:
+        from redis.exceptions import RedisError
+
+        # What a Redis call raises when Redis cannot answer (TimeoutError is an OSError).
+        self.failures: tuple[type[BaseException], ...] = (RedisError, OSError)
         self._client = client
         self._script = client.register_script(GCRA_LUA)
         self._prefix = key_prefix + REDIS_KEY_SPACE
@@ -304,7 +319,12 @@ class RedisBuckets:
 
     @classmethod
     def from_settings(cls, settings: RedisSettings) -> RedisBuckets:
-        """A client for `rateLimit.redis` (no connection is made until the first check)."""
+        """A client for `rateLimit.redis` (no connection is made until the first check).
+        Raises ConfigError when the `redis` extra is not installed."""
+        aioredis = import_redis()
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
         host, port = _split_host_port(settings.address, "rateLimit.redis.address")
         for key, path in (
             ("passwordFile", settings.password_file),
@@ -367,7 +387,7 @@ class RedisBuckets:
     async def drop_idle_connections(self) -> None:
         """After a failure: pooled connections may be to a Redis that is gone (restarted);
         drop them so that the next try connects afresh."""
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*self.failures):
             async with asyncio.timeout(self._timeout):
                 await self._client.connection_pool.disconnect(inuse_connections=False)
 
@@ -516,7 +536,7 @@ class RateLimiter:
             self._probing = probe = True
         try:
             refusals = await self._redis.acquire(buckets)
-        except (RedisError, OSError) as exc:
+        except self._redis.failures as exc:
             self._redis_failed(exc)
             await self._redis.drop_idle_connections()
             return self._while_down(buckets)

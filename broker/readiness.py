@@ -61,6 +61,7 @@ class Readiness:
         self._policy_loaded = False
         self._shutting_down = False
         self._last_success: float | None = None
+        self._last_success_time: float | None = None  # the same, in seconds since the epoch
         # The first failure since the last success; None while the last outcome succeeded.
         self._failing_since: float | None = None
         self._listeners: list[Listener] = []
@@ -87,11 +88,16 @@ class Readiness:
         """Clock time of the API server's last non-5xx answer."""
         return self._last_success
 
+    def last_success_timestamp(self) -> float | None:
+        """The API server's last non-5xx answer in seconds since the epoch (for metrics)."""
+        return self._last_success_time
+
     def record(self, reachable: bool) -> None:
         """One outcome: the API server answered (non-5xx), or it did not."""
         now = self._clock()
         if reachable:
             self._last_success = now
+            self._last_success_time = time.time()
             self._failing_since = None
         elif self._failing_since is None:
             self._failing_since = now

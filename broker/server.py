@@ -156,6 +156,7 @@ class BrokerServer:
         self._health: Any = health_aio.HealthServicer()  # (the stubs lack the aio module)
         self.readiness.add_listener(self._readiness_changed)
         self.metrics.watch_readiness(lambda: self.readiness.state().ready)
+        self.metrics.watch_kubernetes_api(self.readiness.last_success_timestamp)
         self._running: _Running | None = None
         self._stopping = False
 
@@ -319,7 +320,6 @@ class BrokerServer:
         if upstream is None:
             upstream = await UpstreamClient.from_settings(settings.kubernetes)
             stack.push_async_callback(upstream.close)
-        self.metrics.watch_policy(policy if isinstance(policy, PolicyStore) else None)
         self.metrics.watch_audit(audit)
         self.readiness.watch_audit(audit)
         cache = TokenCache(

@@ -178,8 +178,10 @@ async def test_exact_counts_after_a_known_sequence_of_calls(
         frozenset({("method", "apiKey"), ("reason", Reason.CREDENTIALS_INVALID)}): 1,
     }
     assert value(samples, "token_broker_in_flight_requests") == 0
-    assert value(samples, "token_broker_policy_reloads_total") == 0
-    assert value(samples, "token_broker_policy_reload_failures_total") == 0
+    policy_file = {"source": "policy", "file": str(CORE_POLICY)}
+    assert value(samples, "token_broker_file_reloads_total", **policy_file) == 0
+    assert value(samples, "token_broker_file_reload_failures_total", **policy_file) == 0
+    assert value(samples, "token_broker_file_last_reload_successful", **policy_file) == 1
     assert value(samples, "token_broker_audit_lines_lost_total") == 0
     assert value(samples, "token_broker_ready") == 1
     for name in ("hits", "misses", "evictions"):
@@ -345,15 +347,21 @@ async def test_policy_reloads_are_read_from_the_store(
         store: Any = server.policy
         policy.write_text("rules: [")  # does not parse: refused
         await store.check()
+        labels = {"source": "policy", "file": str(policy)}
+        samples, _ = parse((await scrape(server))[1])
+        # Refused: the last good policy is in force, and the gauge says so until it is fixed.
+        assert value(samples, "token_broker_file_reloads_total", **labels) == 0
+        assert value(samples, "token_broker_file_reload_failures_total", **labels) == 1
+        assert value(samples, "token_broker_file_last_reload_successful", **labels) == 0
         policy.write_text("rules: []\n")
         await store.check()
         samples, _ = parse((await scrape(server))[1])
-        assert value(samples, "token_broker_policy_reloads_total") == 1
-        assert value(samples, "token_broker_policy_reload_failures_total") == 1
-        # The same counts among the followed files (no TLS here: no certificate expiry).
-        labels = {"source": "policy", "file": str(policy)}
+        # The policy's counts are among the followed files' (no TLS here: no certificate
+        # expiry), and nowhere else.
         assert series(samples, "token_broker_file_reloads_total") == {frozenset(labels.items()): 1}
         assert value(samples, "token_broker_file_reload_failures_total", **labels) == 1
+        assert value(samples, "token_broker_file_last_reload_successful", **labels) == 1
+        assert not any(name.startswith("token_broker_policy_reload") for name, _ in samples)
         assert not series(samples, "token_broker_tls_certificate_expiry_timestamp_seconds")
     finally:
         await server.stop(None)

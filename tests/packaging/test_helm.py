@@ -47,6 +47,7 @@ FULLNAME = "tb-token-broker"
 # checked by the assertions below instead.
 SKIPPED_CRD_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("cert-manager.io/v1", "Certificate"),
 }
 
@@ -71,7 +72,8 @@ POLICY_RULES: list[dict[str, Any]] = [
 ]
 POLICY_RBAC = {"ci": ["build-robot", "deployer", "migrator"], "staging": ["deployer", "migrator"]}
 
-# Everything optional turned on: mTLS, Redis, ServiceMonitor, PDB, NetworkPolicy, HPA,
+# Everything optional turned on: mTLS, Redis, ServiceMonitor, PrometheusRule, the Grafana
+# dashboard, PDB, NetworkPolicy, HPA,
 # cert-manager, API keys and a JWKS from Secrets, an external Service, HTTP probes.
 PRODUCTION = yaml.safe_load((EXAMPLES / "values-production.yaml").read_text())
 PRODUCTION_RBAC = {
@@ -258,6 +260,7 @@ def test_production_values_render_every_optional_object() -> None:
         "NetworkPolicy",
         "Pod",
         "PodDisruptionBudget",
+        "PrometheusRule",
         "Role",
         "RoleBinding",
         "Service",

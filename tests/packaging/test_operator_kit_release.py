@@ -82,7 +82,7 @@ def test_runtime_dependencies_hold_no_test_tools_and_no_redis() -> None:
 
 def test_the_broker_imports_redis_only_for_the_redis_backend() -> None:
     code = (
-        "import sys, broker.server, broker.cli, broker.devmode, broker.agent\n"
+        "import sys, broker.server, broker.cli, broker.devmode, broker.client.agent\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'redis'))"
     )
     result = subprocess.run(

@@ -1,6 +1,10 @@
-"""python -m broker.emulator: serve the API-server emulator until SIGTERM/SIGINT.
+"""`token-broker emulator` (also `python -m broker.emulator`): serve the API-server emulator
+until SIGTERM/SIGINT.
 
-Prints the URL on one line once it serves. Without --seed the bundled dev seed is used.
+Once it serves, the first line on stdout is its URL (scripts read that line); then, for people,
+its CA certificate, a kubeconfig (--kubeconfig-out, else one in its temporary directory), one
+for the seed's administrator, and where the kubeconfig's user may create tokens. Without
+--seed the bundled dev seed is used.
 """
 
 from __future__ import annotations
@@ -21,18 +25,54 @@ DEV_SEED = Path(__file__).with_name("dev-seed.yaml")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m broker.emulator",
-        description="HTTPS emulator of the Kubernetes TokenRequest API (for tests and dev mode).",
+        prog="token-broker emulator",
+        description="An HTTPS emulator of the Kubernetes API server's TokenRequest API, for dev "
+        "mode and tests (also: python -m broker.emulator). Prints its URL, CA certificate and "
+        "kubeconfigs once it serves.",
     )
-    p.add_argument("--seed", type=Path, default=DEV_SEED, help="seed file (YAML or JSON)")
+    p.add_argument(
+        "--seed",
+        type=Path,
+        default=DEV_SEED,
+        help="seed file (YAML or JSON): objects, users and their bearer tokens, grants "
+        "(default: the dev seed)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
     p.add_argument("--port", type=int, default=0, help="port (0: a free one)")
-    p.add_argument("--kubeconfig-out", type=Path, help="write a kubeconfig for this emulator")
-    p.add_argument("--user-token", help="bearer token for the kubeconfig (default: first user)")
-    p.add_argument("--ready-file", type=Path, help="write JSON {url, caFile, ...} once serving")
-    p.add_argument("--max-expiration", type=int, metavar="SECONDS", help="rule 8 maximum")
-    p.add_argument("--node-binding", action="store_true", help="allow Node-bound tokens")
-    p.add_argument("--extend-expiration", action="store_true", help="kubelet 3607 s extension")
+    p.add_argument(
+        "--kubeconfig-out",
+        type=Path,
+        metavar="PATH",
+        help="write the kubeconfig here (default: in the emulator's temporary directory)",
+    )
+    p.add_argument(
+        "--user-token", help="bearer token of the kubeconfig's user (default: the seed's first)"
+    )
+    p.add_argument(
+        "--ready-file",
+        type=Path,
+        metavar="PATH",
+        help="write JSON {url, caFile, kubeconfig, pid} once serving",
+    )
+    p.add_argument(
+        "--max-expiration",
+        type=int,
+        metavar="SECONDS",
+        help="the server's maximum token expiration (kube-apiserver "
+        "--service-account-max-token-expiration): longer requests are shortened to it, with "
+        "a warning (default: none)",
+    )
+    p.add_argument(
+        "--node-binding",
+        action="store_true",
+        help="allow Node-bound tokens (feature gate ServiceAccountTokenNodeBinding)",
+    )
+    p.add_argument(
+        "--extend-expiration",
+        action="store_true",
+        help="kube-apiserver --service-account-extend-token-expiration: a Pod-bound token of "
+        "exactly 3607 s (the kubelet's) for the server's own audiences is valid for a year",
+    )
     p.add_argument(
         "--latency",
         type=float,
@@ -83,7 +123,12 @@ async def _run(config: EmulatorConfig, args: argparse.Namespace) -> None:
             emulator.faults.seed(args.fault_seed)
 
     await run_emulator_forever(
-        config, args.kubeconfig_out, args.ready_file, user_token=args.user_token, setup=setup
+        config,
+        args.kubeconfig_out,
+        args.ready_file,
+        user_token=args.user_token,
+        setup=setup,
+        summary=True,
     )
 
 

@@ -92,6 +92,13 @@ class AccessControl:
     def first_token(self) -> str | None:
         return next(iter(self._users), None)
 
+    def first_admin_token(self) -> str | None:
+        """The bearer token of the first admin user (`admin`, or in system:masters)."""
+        return next((token for token, user in self._users.items() if user.is_admin), None)
+
+    def user_of(self, token: str) -> UserInfo | None:
+        return self._users.get(token)
+
     def authenticate(self, authorization: str | None) -> UserInfo | None:
         """The user of an `Authorization: Bearer <token>` header, or None (401)."""
         if not authorization:
@@ -129,6 +136,21 @@ class AccessControl:
     def revoke(self, *, user: str | None = None, group: str | None = None) -> None:
         """Drop every grant of that user (or group)."""
         self._grants = [g for g in self._grants if not (g.user == user and g.group == group)]
+
+    def namespaces_allowed(self, user: UserInfo, verb: str, resource: str) -> frozenset[str]:
+        """The namespaces where `user` may `verb` `resource` (for some name at least);
+        {"*"}: every namespace."""
+        if user.is_admin:
+            return frozenset({ALL})
+        out: set[str] = set()
+        for grant in self._grants:
+            # Asked about one of its own namespaces and names, a grant answers for who, which
+            # resource and which verb only.
+            namespace = next(iter(grant.namespaces))
+            name = next(iter(grant.resource_names), "")
+            if grant.matches(user, verb, resource, namespace, name):
+                out |= grant.namespaces
+        return frozenset(out)
 
     def authorize(
         self, user: UserInfo, verb: str, resource: str, namespace: str = "", name: str = ""

@@ -167,10 +167,15 @@ class Emulator:
         return self._pki.ca_cert_pem
 
     @property
-    def ca_file(self) -> Path:
+    def directory(self) -> Path:
+        """The emulator's own temporary directory (its CA certificate), removed with it."""
         if self._tmp is None:
             raise RuntimeError("the emulator has not been started")
-        return Path(self._tmp.name) / "ca.crt"
+        return Path(self._tmp.name)
+
+    @property
+    def ca_file(self) -> Path:
+        return self.directory / "ca.crt"
 
     def write_kubeconfig(
         self,

@@ -21,6 +21,7 @@ from broker.cli.flags import (
     add_request_flags,
     client_config_from_args,
     client_flag_errors,
+    quiet_grpc_core,
     token_request_from_args,
 )
 
@@ -31,7 +32,7 @@ def add_parser(commands: Any) -> None:
         help="kubectl/client-go credential plugin: print an ExecCredential with a broker token",
         description="A kubectl credential plugin (kubeconfig users[].user.exec): prints a "
         "client.authentication.k8s.io/v1 ExecCredential holding a token from the broker. "
-        "Takes the flags of `token-broker token`. Tokens are cached in --cache-dir until 80%% "
+        "Takes the flags of `token-broker token`. Tokens are cached in --cache-dir until 80% "
         "of their lifetime.",
     )
     add_request_flags(plugin)
@@ -48,6 +49,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    quiet_grpc_core()  # before grpc is imported
     from broker.client import TokenBrokerError
     from broker.client.exec_credential import (
         ExecCredentialError,

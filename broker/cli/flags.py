@@ -45,6 +45,15 @@ CONNECTION_FLAGS = {
 }
 
 
+def quiet_grpc_core() -> None:
+    """Keep gRPC's C core from writing log lines of its own to stderr (`I1204 ...
+    ssl_transport_security.cc:2563] Handshake failed ...` when TLS meets a plaintext
+    server): the client commands print every failure themselves. Called before grpc is
+    imported; a GRPC_VERBOSITY the user set wins (GRPC_VERBOSITY=debug to see them)."""
+    if not os.environ.get("GRPC_VERBOSITY"):
+        os.environ["GRPC_VERBOSITY"] = "NONE"
+
+
 class UsageError(Exception):
     """A flag value is invalid (printed as `error: ...`, exit 2)."""
 

@@ -21,6 +21,7 @@ from broker.cli.flags import (
     add_request_flags,
     client_config_from_args,
     client_flag_errors,
+    quiet_grpc_core,
     token_request_from_args,
 )
 
@@ -48,16 +49,23 @@ def add_parser(commands: Any) -> None:
 
 
 def kubernetes_object(token_request: pb.TokenRequest) -> dict[str, Any]:
-    """The TokenRequest as Kubernetes writes it (kind/apiVersion first, int64 as numbers)."""
+    """The TokenRequest as Kubernetes writes it: kind/apiVersion first, int64 as numbers, and
+    the spec's three fields always present, in the API's order (TokenRequestSpec has no
+    omitempty: an unbound token has `"boundObjectRef": null`, as `kubectl create token -o
+    json` prints it; proto3 JSON would leave out what is unset)."""
     from google.protobuf import json_format
 
     from broker.convert import TOKEN_REQUEST_API_VERSION, TOKEN_REQUEST_KIND
 
     body = json_format.MessageToDict(token_request)
-    spec = body.get("spec", {})
-    if "expirationSeconds" in spec:
+    written = body.get("spec", {})
+    expiration = written.get("expirationSeconds")
+    spec = {
+        "audiences": written.get("audiences", []),
         # proto3 JSON writes int64 as a string; Kubernetes writes a number.
-        spec["expirationSeconds"] = int(spec["expirationSeconds"])
+        "expirationSeconds": int(expiration) if expiration is not None else None,
+        "boundObjectRef": written.get("boundObjectRef"),
+    }
     return {
         "kind": TOKEN_REQUEST_KIND,
         "apiVersion": TOKEN_REQUEST_API_VERSION,
@@ -68,6 +76,7 @@ def kubernetes_object(token_request: pb.TokenRequest) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    quiet_grpc_core()  # before grpc is imported
     from broker.client import TokenBrokerClient, TokenBrokerError
 
     try:

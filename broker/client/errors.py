@@ -15,6 +15,15 @@ from broker.reasons import Reason
 # FieldViolation: the one definition (broker.errors), as the server sends it.
 __all__ = ["FieldViolation", "TokenBrokerError"]
 
+# The TLS library's error when the server's first bytes are not a TLS record (BoringSSL's
+# spelling, then OpenSSL's): a TLS client talking to a plaintext server.
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "wrong version number")
+PLAINTEXT_HINT = (
+    "the server does not speak TLS; a plaintext broker (dev mode: `make run`, "
+    "`token-broker serve --dev`) needs --plaintext (the agent's YAML: `plaintext: true`; "
+    "the Python client: plaintext=True)"
+)
+
 
 class TokenBrokerError(Exception):
     """A failed CreateToken call: the gRPC status and its `google.rpc` details."""
@@ -98,8 +107,16 @@ class TokenBrokerError(Exception):
             return True
         return self.code == grpc.StatusCode.RESOURCE_EXHAUSTED and self.retry_delay is not None
 
+    @property
+    def hint(self) -> str | None:
+        """What to change, when the failure is the caller's setup rather than the broker's
+        answer: a TLS client at a plaintext server (the handshake fails at its first byte)."""
+        if self.code == grpc.StatusCode.UNAVAILABLE and any(m in self.message for m in _NOT_TLS):
+            return PLAINTEXT_HINT
+        return None
+
     def describe(self) -> str:
-        """Several lines: code, message, reason, metadata, violations, retry delay."""
+        """Several lines: code, message, reason, metadata, violations, retry delay, hint."""
         lines = [f"{self.code.name}: {self.message}"]
         if self.reason:
             lines.append(f"  reason: {self.reason} (domain {self.domain})")
@@ -107,6 +124,8 @@ class TokenBrokerError(Exception):
         lines += [f"  field {v.field}: {v.description}" for v in self.field_violations]
         if self.retry_delay is not None:
             lines.append(f"  retry after: {self.retry_delay:g}s")
+        if self.hint is not None:
+            lines.append(f"  hint: {self.hint}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

@@ -8,14 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from broker.cli.flags import EXIT_USAGE
+from broker.cli.flags import EXIT_USAGE, quiet_grpc_core
 
 
 def add_parser(commands: Any) -> None:
     agent = commands.add_parser(
         "agent",
         help="sidecar agent: keep service-account token files fresh",
-        description="Write tokens from a broker to files (sinks) and refresh them at 80%% of "
+        description="Write tokens from a broker to files (sinks) and refresh them at 80% of "
         "their lifetime. --once writes every sink once and exits (init containers).",
     )
     agent.add_argument("--config", type=Path, required=True, metavar="FILE", help="agent YAML")
@@ -27,6 +27,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    quiet_grpc_core()  # before grpc is imported
     from broker.client.agent import run_agent
     from broker.client.agent_config import AgentConfigError, load_agent_config
     from broker.config import LogSettings
@@ -34,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = load_agent_config(args.config)
+        config.check_files(str(args.config))
     except AgentConfigError as exc:
         print(f"token-broker agent: {exc}", file=sys.stderr)
         return EXIT_USAGE

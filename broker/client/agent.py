@@ -106,6 +106,8 @@ class Agent:
                 clients[client_config] = AsyncTokenBrokerClient(client_config)
             self.sinks.append(SinkState(sink=sink, client=clients[client_config]))
         self._clients = list(clients.values())
+        # run_once(): a failed sink is not retried (the agent exits 1 instead).
+        self._once = False
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._changed = asyncio.Condition()
@@ -155,6 +157,7 @@ class Agent:
 
     async def run_once(self) -> list[tuple[SinkConfig, str]]:
         """Write every sink once (concurrently); the (sink, reason) of each failure."""
+        self._once = True
         try:
             results = await asyncio.gather(*(self._attempt(s) for s in self.sinks))
         finally:
@@ -269,28 +272,31 @@ class Agent:
             delay = max(delay, retry_delay)  # never sooner than the server asked
         now = self._clock()
         state.next_attempt_at = now + delay
+        # What happens next: --once does not retry, the agent exits 1 once every sink was tried.
+        then = (
+            "not retried (--once: the agent exits 1)" if self._once else f"retrying in {delay:.1f}s"
+        )
         if state.valid(now):
             assert state.expires_at is not None
             logger.warning(
                 "sink %s: refresh failed (attempt %d): %s; the token on disk stays valid for "
-                "%.0fs; retrying in %.1fs",
+                "%.0fs; %s",
                 state.sink.label,
                 state.failures,
                 why,
                 state.expires_at - now,
-                delay,
+                then,
             )
         else:
             on_disk = "has expired" if state.expires_at is not None else "was never written"
             logger.error(
-                "sink %s: CANNOT GET A TOKEN (attempt %d): %s; the token at %s %s; "
-                "retrying in %.1fs",
+                "sink %s: CANNOT GET A TOKEN (attempt %d): %s; the token at %s %s; %s",
                 state.sink.label,
                 state.failures,
                 why,
                 state.sink.path,
                 on_disk,
-                delay,
+                then,
             )
 
     # --- /healthz -------------------------------------------------------------------------

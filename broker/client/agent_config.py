@@ -235,6 +235,29 @@ class AgentConfig(_Section):
         assert connection is not None  # checked by _sinks
         return connection
 
+    def check_files(self, source: str = "agent configuration") -> None:
+        """Read every file the connections name once — the TLS files and the credential
+        file — so that one that cannot be read (or an empty credential file) is a
+        configuration error naming its key, like every other bad setting, rather than a
+        traceback or a failed first refresh. The credential file is re-read for every call
+        afterwards (a rotated credential is picked up; a failure then is retried)."""
+        # The connections the sinks use (as the agent opens them), by the key that sets each.
+        used = {
+            f"sinks.{i}.broker" if sink.broker is not None else "broker": self.connection(sink)
+            for i, sink in enumerate(self.sinks)
+        }
+        for key, connection in used.items():
+            config = connection.client_config()
+            try:
+                if config.secure:
+                    config.channel_credentials()
+                config.call_metadata()
+            except ClientConfigError as exc:
+                spelled = exc.spelled({f: to_camel(f) for f in exc.fields})
+                raise AgentConfigError(
+                    f"invalid agent configuration ({source}):\n  {key}.{spelled}"
+                ) from None
+
 
 def format_errors(exc: ValidationError, source: str) -> str:
     lines = [f"invalid agent configuration ({source}):"]

@@ -31,6 +31,6 @@ COPY --from=builder /opt/venv /opt/venv
 # Numeric, so runAsNonRoot can verify it; the chart sets the same ids.
 USER 65532:65532
 # gRPC (TLS), plaintext gRPC health (server.healthListen), admin HTTP /metrics /healthz /readyz.
-EXPOSE 8443 8081 9090
+EXPOSE 8443 8081 8082
 ENTRYPOINT ["token-broker"]
 CMD ["serve", "--config", "/etc/token-broker/config.yaml"]

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from broker.config import ConfigError, split_host_port
+from broker.listen_ports import listen_error
 from broker.readiness import Readiness
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,5 @@ def _bind(host: str, port: int, listen: str) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise ConfigError(
-            f"admin.listen: cannot listen on {listen} ({exc.strerror or exc})"
-        ) from None
+        raise listen_error("admin.listen", listen, exc.strerror or str(exc)) from None
     return sock

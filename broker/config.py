@@ -168,10 +168,14 @@ class AuditSettings(_Section):
 
 class AdminSettings(_Section):
     """The plaintext admin HTTP listener: /metrics, /healthz, /readyz. No tokens are served
-    there, so any address is allowed (a pod sets 0.0.0.0:9090)."""
+    there, so any address is allowed (a pod sets 0.0.0.0:8082).
 
-    # host:port (IPv6 as [::1]:9090); None disables the listener.
-    listen: str | None = "127.0.0.1:9090"
+    Port 8082 by default: 9090 is Prometheus's own port (a broker and a Prometheus on one
+    developer's machine would clash), and 9091-9999 are taken by Prometheus components and
+    exporters (pushgateway 9091, alertmanager 9093, node exporter 9100, ...)."""
+
+    # host:port (IPv6 as [::1]:8082); None disables the listener.
+    listen: str | None = "127.0.0.1:8082"
 
     @field_validator("listen", mode="before")
     @classmethod

@@ -38,6 +38,7 @@ from broker.config import (
 )
 from broker.file_reload import ReloadingFiles, reload_on_sighup
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
+from broker.listen_ports import listen_error, reason_not_bound
 from broker.metrics import BrokerMetrics
 from broker.observe import CallObserver
 from broker.policy_reload import FixedPolicy, PolicyStore, open_policy
@@ -534,15 +535,19 @@ def _tls_mode(tls: ServerTLSMaterial | None) -> str:
 
 
 def _bind(server: aio.Server, address: str, creds: Any, key: str) -> int:
+    unix = address.startswith("unix:")
     try:
         if creds is None:
             port = server.add_insecure_port(address)
         else:
             port = server.add_secure_port(address, creds)
     except RuntimeError as exc:
-        raise ConfigError(f"{key}: cannot listen on {address}: {exc}") from None
-    if port == 0 and not address.startswith("unix:"):
-        raise ConfigError(f"{key}: cannot listen on {address} (in use?)")
+        if unix:
+            raise ConfigError(f"{key}: cannot listen on {address}: {exc}") from None
+        port = 0
+    if port == 0 and not unix:
+        # gRPC says only that it failed: the OS's reason, and how to choose another address.
+        raise listen_error(key, address, reason_not_bound(address))
     return port
 
 

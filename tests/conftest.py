@@ -82,7 +82,7 @@ def _watch_the_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
 
 @pytest.fixture(autouse=True)
 def _admin_on_a_free_port(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Brokers built in tests put their admin listener on a free port, not 9090."""
+    """Brokers built in tests put their admin listener on a free port, not the default port."""
     monkeypatch.setenv("TOKEN_BROKER_ADMIN__LISTEN", "127.0.0.1:0")
 
 

@@ -34,7 +34,7 @@ def add_parser(commands: Any) -> None:
     serve.add_argument(
         "--admin-listen",
         metavar="HOST:PORT",
-        help="admin HTTP listener: /metrics, /healthz, /readyz (127.0.0.1:9090; '' turns it off)",
+        help="admin HTTP listener: /metrics, /healthz, /readyz (127.0.0.1:8082; '' turns it off)",
     )
     serve.add_argument("--tls-cert", type=Path, metavar="FILE", help="server certificate (PEM)")
     serve.add_argument("--tls-key", type=Path, metavar="FILE", help="server private key (PEM)")

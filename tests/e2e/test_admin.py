@@ -346,7 +346,7 @@ async def test_dev_banner_prints_the_admin_url(
 def test_admin_and_readiness_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TOKEN_BROKER_ADMIN__LISTEN")
     defaults = load_settings()
-    assert defaults.admin.listen == "127.0.0.1:9090"
+    assert defaults.admin.listen == "127.0.0.1:8082"
     assert defaults.metrics.caller_labels is False
     assert defaults.readiness.probe_interval_seconds == 10
     assert defaults.readiness.unreachable_after_seconds == 30

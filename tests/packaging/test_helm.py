@@ -455,7 +455,7 @@ def test_probes_target_ports_of_the_container_and_the_service(probe_type: str) -
     docs = render({"probes": {"type": probe_type}})
     container = broker_container(docs)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": 8443, "health": 8081, "admin": 9090}
+    assert ports == {"grpc": 8443, "health": 8081, "admin": 8082}
     service = one(docs, "Service", FULLNAME)
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == ports
     assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {
@@ -665,7 +665,7 @@ def test_schema_accepts_only_keys_the_broker_accepts(
         ({"replicas": 3}, "additional properties 'replicas' not allowed"),
         ({"probes": {"type": "tcp"}}, "at '/probes/type': value must be one of 'grpc', 'http'"),
         ({"log": {"level": "verbose"}}, "at '/log/level'"),
-        ({"ports": {"grpc": 70000, "health": 8081, "admin": 9090}}, "at '/ports/grpc'"),
+        ({"ports": {"grpc": 70000, "health": 8081, "admin": 8082}}, "at '/ports/grpc'"),
         ({"podSecurityContext": {"runAsUser": 0}}, "at '/podSecurityContext/runAsUser'"),
         ({"rateLimit": {"redis": {"address": "redis"}}}, "at '/rateLimit/redis/address'"),
         (
@@ -847,7 +847,7 @@ def test_dockerfile_matches_the_chart() -> None:
     assert 'ENTRYPOINT ["token-broker"]' in dockerfile
     assert 'CMD ["serve", "--config", "/etc/token-broker/config.yaml"]' in dockerfile
     (exposed,) = re.findall(r"^EXPOSE\s+(.+)$", dockerfile, re.MULTILINE)
-    assert sorted(exposed.split()) == ["8081", "8443", "9090"]
+    assert sorted(exposed.split()) == ["8081", "8082", "8443"]
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     assert ".venv" in ignored or "*" in ignored
 

@@ -35,7 +35,7 @@ def cli_env(credential: str | None = CALLER_KEY, **extra: str) -> dict[str, str]
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_BROKER_")}
     if credential is not None:
         env["TOKEN_BROKER_CREDENTIAL"] = credential
-    # Brokers started as children must not take the default admin port (9090) from another
+    # Brokers started as children must not take the default admin port (8082) from another
     # test or a running `make run`.
     env["TOKEN_BROKER_ADMIN__LISTEN"] = "127.0.0.1:0"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))

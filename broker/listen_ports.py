@@ -1,0 +1,57 @@
+"""Listen addresses that cannot be bound: why (the OS's reason), and the error that names the
+setting, its `serve` flag and its variable, so a second broker on a busy port says how to
+choose another one.
+
+`serve` is strict: a busy port stops it (exit 2). Dev mode (broker.devmode) asks
+`bind_error` first and moves a *default* address that is busy to a free port instead.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from broker.config import ConfigError, env_var_name, split_host_port
+
+# The `token-broker serve` flag of each listener's key.
+LISTEN_FLAGS = {
+    "server.listen": "--listen",
+    "server.healthListen": "--health-listen",
+    "admin.listen": "--admin-listen",
+}
+
+
+def bind_error(listen: str) -> OSError | None:
+    """Why `host:port` cannot be bound now (None: it can). Binds with SO_REUSEADDR and
+    without SO_REUSEPORT, as the broker's listeners do, so a port held by a listening socket
+    is busy and one in TIME_WAIT is not. A quick, blocking probe: for start-up only."""
+    host, port = split_host_port(listen)
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, socktype, proto, _, address = infos[0]
+        with socket.socket(family, socktype, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        return exc
+    return None
+
+
+def listen_error(key: str, listen: str, reason: str) -> ConfigError:
+    """`admin.listen: cannot listen on 127.0.0.1:8082 (Address already in use); choose another
+    address with --admin-listen or TOKEN_BROKER_ADMIN__LISTEN`."""
+    message = f"{key}: cannot listen on {listen} ({reason})"
+    flag = LISTEN_FLAGS.get(key)
+    if flag is not None:
+        message += f"; choose another address with {flag} or {env_var_name(tuple(key.split('.')))}"
+    return ConfigError(message)
+
+
+def reason_not_bound(listen: str) -> str:
+    """The OS's reason `listen` cannot be bound, for an error message (gRPC's own says only
+    that it failed)."""
+    error = bind_error(listen)
+    if error is None:
+        return "the port could not be bound"
+    return error.strerror or str(error)

@@ -7,32 +7,52 @@ Callers still authenticate and the policy still decides, explicitly: a unix sock
 temporary directory (mode 0600: this user only) gives the identity `dev`, a random API key
 written next to it gives the identity `dev` over TCP, and `broker/dev-policy.yaml` (a
 permissive policy for the seed's namespaces) is in force unless --config names another.
+
+For a person at a terminal (what `make run` starts):
+- the default ports (gRPC 50051, admin 8082) move to free ones when they are busy (a second
+  `make run`, another service), and the banner says so; an address the user chose stays
+  strict (a busy one is an error naming its flag);
+- audit lines go to `audit.jsonl` in the temporary directory (named in the banner) unless the
+  configuration chooses an audit sink, so the text logs on the terminal are not interleaved
+  with JSON;
+- the banner's commands are ready to paste: the tools by their full path (after `make run`
+  they are in .venv/bin, not on PATH), the API key exported from its file (never printed),
+  and a kubeconfig whose user gets its token from the broker through the kubectl credential
+  plugin (`kubectl.kubeconfig`: kubectl acts as demo/build-robot on the emulator).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import shlex
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
 
 from broker.authn_apikeys import generate_api_key, hash_api_key
-from broker.config import Settings
+from broker.config import Settings, split_host_port
 from broker.emulator import Emulator
+from broker.listen_ports import bind_error
 from broker.policy import DEV_POLICY_FILE
 from broker.server import BrokerServer, serve_until_signal, signals_while_starting
 
 DEV_SEED = Path(__file__).parent / "emulator" / "dev-seed.yaml"
 BROKER_IDENTITY = "system:serviceaccount:token-broker:token-broker"
-# Shown in the banner's example command.
+# Shown in the banner's example commands (and the kubectl kubeconfig's user).
 EXAMPLE_NAMESPACE = "demo"
 EXAMPLE_SERVICE_ACCOUNT = "build-robot"
 # The identity of dev-mode callers (the dev policy's subjects name it).
 DEV_IDENTITY = "dev"
+# Files in the temporary directory.
+API_KEY_FILE = "api-key"
+AUDIT_FILE = "audit.jsonl"
+KUBECTL_KUBECONFIG = "kubectl.kubeconfig"
 
 
 def broker_user_token(seed: dict[str, Any]) -> str:
@@ -46,9 +66,42 @@ def broker_user_token(seed: dict[str, Any]) -> str:
     raise ValueError("the dev seed defines no user for the broker")
 
 
+@dataclass(frozen=True)
+class MovedListener:
+    """A default listen address that was busy, and the flag that chooses another."""
+
+    key: str
+    busy: str
+    flag: str
+
+
+def free_default_ports(settings: Settings) -> tuple[Settings, tuple[MovedListener, ...]]:
+    """The settings with each *default* listen address that is busy (server.listen, 50051;
+    admin.listen, 8082) moved to a free port on the same host. Addresses set in the file, the
+    environment or a flag are kept: a busy one fails the start, naming its flag."""
+    server, admin = settings.server, settings.admin
+    moved: list[MovedListener] = []
+    if "listen" not in server.model_fields_set and server.listen and bind_error(server.listen):
+        moved.append(MovedListener("server.listen", server.listen, "--listen"))
+        server = server.model_copy(update={"listen": _any_port(server.listen)})
+    if "listen" not in admin.model_fields_set and admin.listen and bind_error(admin.listen):
+        moved.append(MovedListener("admin.listen", admin.listen, "--admin-listen"))
+        admin = admin.model_copy(update={"listen": _any_port(admin.listen)})
+    if not moved:
+        return settings, ()
+    return settings.model_copy(update={"server": server, "admin": admin}), tuple(moved)
+
+
+def _any_port(listen: str) -> str:
+    host, _ = split_host_port(listen)
+    return f"{host}:0"
+
+
 def dev_settings(settings: Settings, workdir: Path, api_key: str) -> Settings:
     """The given settings pointed at the emulator, plaintext allowed (on loopback only), with
-    the dev identities and (unless one is configured) the dev policy."""
+    the dev identities and (unless one is configured) the dev policy, and (unless an audit
+    sink is configured) the audit lines in `workdir`."""
+    audit_chosen = bool({"sink", "file"} & settings.audit.model_fields_set)
     data = settings.model_dump()
     server = data["server"]
     server["allow_plaintext"] = True
@@ -60,25 +113,140 @@ def dev_settings(settings: Settings, workdir: Path, api_key: str) -> Settings:
     authentication["api_keys"]["keys"] = [*authentication["api_keys"]["keys"], dev_key]
     if data["policy"]["file"] is None:
         data["policy"]["file"] = DEV_POLICY_FILE
+    if not audit_chosen:
+        # Not on stdout: JSON lines between the text logs are hard to read at a terminal.
+        data["audit"].update(sink="file", file=workdir / AUDIT_FILE)
     data["kubernetes"].update(mode="kubeconfig", kubeconfig=workdir / "kubeconfig", context=None)
     # model_validate, not Settings(...): the environment was already applied to `settings`.
     return Settings.model_validate(data)
 
 
-def banner(server: BrokerServer, emulator: Emulator, workdir: Path) -> str:
-    token = f"token {EXAMPLE_SERVICE_ACCOUNT} -n {EXAMPLE_NAMESPACE}"
-    key_file = workdir / "api-key"
+# --- the commands the banner prints ------------------------------------------------------------
+
+
+def _bin_dir() -> Path:
+    """Where this Python's scripts are (.venv/bin after `make run`): not resolved, so a venv's
+    python symlink still names the venv."""
+    return Path(sys.executable).absolute().parent
+
+
+def _tool(name: str) -> str | None:
+    """A tool by the path to paste: this Python's bin directory (the venv), else the PATH."""
+    here = _bin_dir() / name
+    if here.is_file():
+        return str(here)
+    return name if shutil.which(name) else None
+
+
+def token_broker_command() -> list[str]:
+    """How to run this token-broker: the venv's script, else this Python with `-m broker`."""
+    script = _bin_dir() / "token-broker"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "broker"]
+
+
+def write_kubectl_kubeconfig(
+    path: Path, emulator: Emulator, unix_socket: Path, cache_dir: Path
+) -> Path:
+    """A kubeconfig for kubectl against the emulator as demo/build-robot, whose token comes
+    from this broker through the credential plugin (`token-broker exec-credential`, over the
+    unix socket: no API key needed), cached in `cache_dir`."""
+    plugin = [
+        "exec-credential",
+        EXAMPLE_SERVICE_ACCOUNT,
+        "-n",
+        EXAMPLE_NAMESPACE,
+        "--server",
+        f"unix:{unix_socket}",
+        "--cache-dir",
+        str(cache_dir),
+    ]
+    command = token_broker_command()
+    user = f"{EXAMPLE_NAMESPACE}-{EXAMPLE_SERVICE_ACCOUNT}"
+    document = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "token-broker-dev",
+                "cluster": {
+                    "server": emulator.url,
+                    "certificate-authority-data": base64.b64encode(emulator.ca_cert_pem).decode(),
+                },
+            }
+        ],
+        "users": [
+            {
+                "name": user,
+                "user": {
+                    "exec": {
+                        "apiVersion": "client.authentication.k8s.io/v1",
+                        "command": command[0],
+                        "args": [*command[1:], *plugin],
+                        "interactiveMode": "Never",
+                        "provideClusterInfo": False,
+                    }
+                },
+            }
+        ],
+        "contexts": [
+            {
+                "name": user,
+                "context": {
+                    "cluster": "token-broker-dev",
+                    "user": user,
+                    "namespace": EXAMPLE_NAMESPACE,
+                },
+            }
+        ],
+        "current-context": user,
+    }
+    path.touch(mode=0o600)
+    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def banner(
+    server: BrokerServer,
+    emulator: Emulator,
+    workdir: Path,
+    moved: tuple[MovedListener, ...] = (),
+) -> str:
+    settings = server.settings
+    token_broker = shlex.join(token_broker_command())
+    token = f"{token_broker} token {EXAMPLE_SERVICE_ACCOUNT} -n {EXAMPLE_NAMESPACE}"
+    key_file = workdir / API_KEY_FILE
     commands = [f"{token} --server unix:{server.unix_socket}"]
-    grpcurl = [f"grpcurl -plaintext -unix {server.unix_socket} list"]
-    if server.settings.server.listen:
-        plaintext = " --plaintext" if server.settings.server.tls is None else ""
+    grpcurl = _tool("grpcurl")
+    grpcurl_cmd = shlex.quote(grpcurl or "grpcurl")
+    grpc_lines = [f"{grpcurl_cmd} -plaintext -unix {server.unix_socket} list"]
+    if settings.server.listen:
+        plaintext = " --plaintext" if settings.server.tls is None else ""
         commands.append(
             f"{token} --server {server.address}{plaintext} --credential-file {key_file}"
+            " --audience vault"
         )
-        grpcurl.append(f"grpcurl{' -plaintext' if plaintext else ''} {server.address} list")
+        request = '{"namespace":"demo","service_account":"build-robot"}'
+        grpc_lines += [
+            f'export API_KEY="$(cat {key_file})"',
+            f"{grpcurl_cmd}{' -plaintext' if plaintext else ''}"
+            f' -H "authorization: Bearer $API_KEY" -d {shlex.quote(request)}'
+            f" {server.address} tokenbroker.v1.TokenBrokerService/CreateToken",
+        ]
     admin = server.admin_url
     admin_where = f"{admin} (/metrics, /healthz, /readyz)" if admin else "- (admin.listen unset)"
     admin_lines = [f"  curl {admin}/metrics", f"  curl {admin}/readyz"] if admin is not None else []
+    audit = settings.audit
+    audit_where = str(audit.file) if audit.sink == "file" else "stdout"
+    kubectl = _tool("kubectl")
+    kubeconfig_for_kubectl = workdir / KUBECTL_KUBECONFIG
+
+    def moved_note(key: str) -> list[str]:
+        return [
+            f"            ({m.busy} was in use: a free port instead; {m.flag} HOST:PORT chooses)"
+            for m in moved
+            if m.key == key
+        ]
+
     rule = "=" * 78
     return "\n".join(
         [
@@ -86,21 +254,30 @@ def banner(server: BrokerServer, emulator: Emulator, workdir: Path) -> str:
             "  INSECURE DEV MODE: plaintext gRPC, in-process Kubernetes API emulator.",
             "  Tokens come from the emulator, not a real cluster. Never use in production.",
             rule,
-            f"broker:     {server.address if server.settings.server.listen else '-'}"
+            f"broker:     {server.address if settings.server.listen else '-'}"
             f" and unix:{server.unix_socket}",
+            *moved_note("server.listen"),
             f"callers:    identity `{DEV_IDENTITY}`: the unix socket, or the API key in {key_file}",
             f"admin:      {admin_where}",
-            f"policy:     {server.settings.policy.file}",
+            *moved_note("admin.listen"),
+            f"audit:      {audit_where} (one JSON line per decision; the logs are on stderr)",
+            f"policy:     {settings.policy.file}",
             f"emulator:   {emulator.url} (CA {emulator.ca_file})",
-            f"kubeconfig: {workdir / 'kubeconfig'}",
+            f"kubeconfig: {workdir / 'kubeconfig'} (the broker's own identity)",
             f"seed:       {DEV_SEED}",
+            f"tools:      {_bin_dir()} (`make run` installs token-broker there, not on PATH)",
             "",
-            "Get a token:",
-            *(f"  token-broker {c}" for c in commands),
-            "From a checkout after `make run` (token-broker not on PATH):",
-            *(f"  .venv/bin/token-broker {c}" for c in commands),
-            "Health, reflection and metrics:",
-            *(f"  {g}" for g in grpcurl),
+            "Get a token (without --audience: for the API server's own audiences):",
+            *(f"  {c}" for c in commands),
+            f"kubectl as {EXAMPLE_NAMESPACE}/{EXAMPLE_SERVICE_ACCOUNT}, its token from the broker"
+            " (kubectl credential plugin):",
+            f"  KUBECONFIG={kubeconfig_for_kubectl} {shlex.quote(kubectl or 'kubectl')}"
+            " get serviceaccounts",
+            *_missing("kubectl", kubectl),
+            "gRPC with grpcurl (server reflection is on):",
+            *(f"  {g}" for g in grpc_lines),
+            *_missing("grpcurl", grpcurl),
+            "Metrics and health:",
             *admin_lines,
             "",
             "Ctrl-C (SIGINT) or SIGTERM stops the broker and the emulator.",
@@ -109,10 +286,17 @@ def banner(server: BrokerServer, emulator: Emulator, workdir: Path) -> str:
     )
 
 
+def _missing(name: str, found: str | None) -> list[str]:
+    if found is not None:
+        return []
+    return [f"  ({name} is not installed: `make venv` puts it in .venv/bin)"]
+
+
 async def run_dev(settings: Settings, out: TextIO | None = None) -> int:
     """Emulator + broker until SIGTERM/SIGINT; the exit status."""
     stream = out if out is not None else sys.stdout
     seed = await asyncio.to_thread(_read_seed)
+    settings, moved = await asyncio.to_thread(free_default_ports, settings)
     workdir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="token-broker-dev-"))
     try:
         emulator = Emulator(seed=seed, host="127.0.0.1", port=0)
@@ -124,11 +308,19 @@ async def run_dev(settings: Settings, out: TextIO | None = None) -> int:
                 user_token=broker_user_token(seed),
             )
             api_key = generate_api_key()
-            await asyncio.to_thread(_write_private, workdir / "api-key", api_key)
+            await asyncio.to_thread(_write_private, workdir / API_KEY_FILE, api_key)
             server = BrokerServer(dev_settings(settings, workdir, api_key))
             with signals_while_starting() as started:
                 await server.start()
-                stream.write(banner(server, emulator, workdir) + "\n")
+                assert server.unix_socket is not None  # dev mode always has one
+                await asyncio.to_thread(
+                    write_kubectl_kubeconfig,
+                    workdir / KUBECTL_KUBECONFIG,
+                    emulator,
+                    server.unix_socket,
+                    workdir / "exec-credential-cache",
+                )
+                stream.write(banner(server, emulator, workdir, moved) + "\n")
                 stream.flush()
                 await serve_until_signal(server, started)
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,22 +67,28 @@ async def test_serve_dev_prints_a_working_command_and_stops_on_sigterm() -> None
     proc = process.proc
     try:
         banner_at = await process.wait_for("INSECURE DEV MODE")
-        index = await process.wait_for("Get a token:")
+        index = await process.wait_for("Get a token")
         over_unix = shlex.split(process.stdout[index + 1])
         over_tcp = shlex.split(process.stdout[index + 2])
-        assert over_unix[:2] == over_tcp[:2] == ["token-broker", "token"]
+        # The venv's token-broker by its full path (not on PATH after `make run`).
+        assert over_unix[0] == over_tcp[0] == str(Path(sys.executable).parent / "token-broker")
+        assert over_unix[1] == over_tcp[1] == "token"
         assert over_unix[over_unix.index("--server") + 1].startswith("unix:")
         assert "--plaintext" in over_tcp and "--credential-file" in over_tcp
         kubeconfig_line = next(s for s in process.stdout[banner_at:] if "kubeconfig:" in s)
-        kubeconfig = Path(kubeconfig_line.split("kubeconfig:", 1)[1].strip())
+        kubeconfig = Path(kubeconfig_line.split("kubeconfig:", 1)[1].split()[0])
         assert kubeconfig.exists()
 
         # The printed commands, as a user would paste them (token-broker = python -m broker).
+        audiences = []
         for command in (over_unix, over_tcp):
             rc, out, err = await run_cli(*command[1:], credential=None)
             assert rc == 0, err
             assert claims(out)["sub"] == "system:serviceaccount:demo:build-robot"
-            assert claims(out)["aud"] == ["token-broker-demo"]  # the dev policy's default
+            audiences.append(claims(out)["aud"])
+        # Without --audience: the API server's own (the emulator's issuer), as `token` promises;
+        # the TCP example asks for one.
+        assert audiences == [["https://kubernetes.default.svc.cluster.local"], ["vault"]]
         # Over TCP without the key: refused.
         tcp_without_key = over_tcp[1 : over_tcp.index("--credential-file")]
         rc, _, err = await run_cli(*tcp_without_key, credential=None)

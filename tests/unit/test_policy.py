@@ -490,8 +490,11 @@ def test_the_dev_policy() -> None:
     text = DEV_POLICY_FILE.read_text()
     assert text.startswith("# DEV ONLY")
     p = Policy.load(DEV_POLICY_FILE)
-    # The dev banner's example: `token build-robot -n demo`, no audience.
+    # The dev banner's example: `token build-robot -n demo`, no audience: the API server's own
+    # (what kubectl, through the credential plugin, needs); the demo audience when asked.
     d = p.decide(Identity(method="apiKey", name="dev"), req("demo", "build-robot"))
+    assert d.allowed and d.audiences == ()
+    d = p.decide(CI, req("demo", "build-robot", audiences=["token-broker-demo"]))
     assert d.allowed and d.audiences == ("token-broker-demo",)
     d = p.decide(Identity(method="unixSocket", name="me"), req("ci", "runner", dry_run=["All"]))
     assert d.allowed

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -49,8 +50,10 @@ def quiet_grpc_core() -> None:
     """Keep gRPC's C core from writing log lines of its own to stderr (`I1204 ...
     ssl_transport_security.cc:2563] Handshake failed ...` when TLS meets a plaintext
     server): the client commands print every failure themselves. Called before grpc is
-    imported; a GRPC_VERBOSITY the user set wins (GRPC_VERBOSITY=debug to see them)."""
-    if not os.environ.get("GRPC_VERBOSITY"):
+    imported; a GRPC_VERBOSITY the user set wins (GRPC_VERBOSITY=debug to see them). Once
+    grpc is imported (the command run in-process, e.g. by a test) it is too late: nothing is
+    changed then."""
+    if "grpc" not in sys.modules and not os.environ.get("GRPC_VERBOSITY"):
         os.environ["GRPC_VERBOSITY"] = "NONE"
 
 

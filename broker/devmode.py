@@ -24,7 +24,6 @@ For a person at a terminal (what `make run` starts):
 from __future__ import annotations
 
 import asyncio
-import base64
 import shlex
 import shutil
 import sys
@@ -150,59 +149,30 @@ def write_kubectl_kubeconfig(
     """A kubeconfig for kubectl against the emulator as demo/build-robot, whose token comes
     from this broker through the credential plugin (`token-broker exec-credential`, over the
     unix socket: no API key needed), cached in `cache_dir`."""
-    plugin = [
-        "exec-credential",
-        EXAMPLE_SERVICE_ACCOUNT,
-        "-n",
-        EXAMPLE_NAMESPACE,
-        "--server",
-        f"unix:{unix_socket}",
-        "--cache-dir",
-        str(cache_dir),
-    ]
     command = token_broker_command()
-    user = f"{EXAMPLE_NAMESPACE}-{EXAMPLE_SERVICE_ACCOUNT}"
-    document = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": "token-broker-dev",
-                "cluster": {
-                    "server": emulator.url,
-                    "certificate-authority-data": base64.b64encode(emulator.ca_cert_pem).decode(),
-                },
-            }
+    plugin = {
+        "apiVersion": "client.authentication.k8s.io/v1",
+        "command": command[0],
+        "args": [
+            *command[1:],
+            "exec-credential",
+            EXAMPLE_SERVICE_ACCOUNT,
+            "-n",
+            EXAMPLE_NAMESPACE,
+            "--server",
+            f"unix:{unix_socket}",
+            "--cache-dir",
+            str(cache_dir),
         ],
-        "users": [
-            {
-                "name": user,
-                "user": {
-                    "exec": {
-                        "apiVersion": "client.authentication.k8s.io/v1",
-                        "command": command[0],
-                        "args": [*command[1:], *plugin],
-                        "interactiveMode": "Never",
-                        "provideClusterInfo": False,
-                    }
-                },
-            }
-        ],
-        "contexts": [
-            {
-                "name": user,
-                "context": {
-                    "cluster": "token-broker-dev",
-                    "user": user,
-                    "namespace": EXAMPLE_NAMESPACE,
-                },
-            }
-        ],
-        "current-context": user,
+        "interactiveMode": "Never",
+        "provideClusterInfo": False,
     }
-    path.touch(mode=0o600)
-    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
-    return path
+    return emulator.write_kubeconfig(
+        path,
+        user_exec=plugin,
+        context=f"{EXAMPLE_NAMESPACE}-{EXAMPLE_SERVICE_ACCOUNT}",
+        namespace=EXAMPLE_NAMESPACE,
+    )
 
 
 def banner(

@@ -181,11 +181,16 @@ class Emulator:
         self,
         path: Path,
         *,
-        user_token: str,
+        user_token: str | None = None,
+        user_exec: dict[str, Any] | None = None,
         context: str = "emulator",
         namespace: str | None = None,
     ) -> Path:
-        """A kubeconfig for this emulator and that bearer token (file mode 0600)."""
+        """A kubeconfig for this emulator (file mode 0600) whose user is that bearer token, or
+        a credential plugin (`user_exec`: the kubeconfig's `users[].user.exec`)."""
+        if (user_token is None) == (user_exec is None):
+            raise ValueError("a kubeconfig user is a bearer token or a credential plugin")
+        user: dict[str, Any] = {"token": user_token} if user_exec is None else {"exec": user_exec}
         ctx: dict[str, str] = {"cluster": context, "user": context}
         if namespace:
             ctx["namespace"] = namespace
@@ -201,7 +206,7 @@ class Emulator:
                     },
                 }
             ],
-            "users": [{"name": context, "user": {"token": user_token}}],
+            "users": [{"name": context, "user": user}],
             "contexts": [{"name": context, "context": ctx}],
             "current-context": context,
             "preferences": {},

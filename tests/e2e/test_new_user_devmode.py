@@ -234,20 +234,20 @@ async def test_dev_mode_moves_busy_default_ports(
     [
         (("--listen", "127.0.0.1:50051"), "--listen or TOKEN_BROKER_SERVER__LISTEN"),
         (
-            ("--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:8082"),
+            ("--dev", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:8082"),
             "--admin-listen or TOKEN_BROKER_ADMIN__LISTEN",
         ),
     ],
+    ids=["serve", "dev"],
 )
-@pytest.mark.parametrize("mode", [(), ("--dev",)])
 async def test_a_chosen_busy_port_is_an_error_naming_its_flag(
-    args: tuple[str, ...], named: str, mode: tuple[str, ...], kubeconfig: Path, tmp_path: Path
+    args: tuple[str, ...], named: str, kubeconfig: Path, tmp_path: Path
 ) -> None:
     # `serve` (and dev mode, for an address the user chose) stays strict: exit 2, the reason,
     # and how to choose another address.
     config = serve_config(tmp_path / "config.yaml", kubeconfig)
     run = await run_command(
-        [sys.executable, "-m", "broker", "serve", "--config", str(config), *mode, *args]
+        [sys.executable, "-m", "broker", "serve", "--config", str(config), *args]
     )
     assert run.returncode == 2, run.stderr
     assert "(Address already in use); choose another address with " + named in run.stderr

@@ -49,7 +49,9 @@ def write_config(tmp_path: Path, **changes: Any) -> Path:
 
 
 async def agent(*args: str) -> tuple[int, str]:
-    run = await run_broker_cli("agent", *args, credential=None)
+    # Bounded below pytest's own timeout, so a long-running agent that does not exit (as it
+    # did not before the files were checked) is killed, not left behind.
+    run = await run_broker_cli("agent", *args, credential=None, timeout=60)
     SUITE.add("cli stderr", run.stderr)
     return run.returncode, run.stderr
 

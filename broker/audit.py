@@ -46,6 +46,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -329,6 +330,58 @@ def _dumps(entry: dict[str, Any]) -> str:
     return json.dumps(entry, ensure_ascii=True, separators=(",", ":"))
 
 
+# What `_dumps` makes of a str (ensure_ascii).
+_json_str: Callable[[str], str] = json.encoder.encode_basestring_ascii
+# Stand-ins for the fields an AuditTemplate fills in (a NUL no value of a line holds twice).
+_TEMPLATE_FIELDS = ("time", "requestID", "peer", "latencyMs")
+_MARKS = tuple(f"\x00{name}\x00" for name in _TEMPLATE_FIELDS)
+
+
+class AuditTemplate:
+    """The line of one kind of call, rendered once: an AuditRecord's line with its `time`,
+    `requestID`, `peer` and `latencyMs` left open. `line()` fills them in, giving exactly the
+    line `to_json()` gives for the same record with those four values (a cache hit's line:
+    the request path keeps one per decision and cached token)."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, parts: tuple[str, ...]) -> None:
+        self._parts = parts
+
+    @classmethod
+    def of(cls, record: AuditRecord) -> AuditTemplate | None:
+        """The template of `record`'s line, or None when its other values do not allow one
+        (a value holding a mark, or a line near the length bound: `to_json()` then)."""
+        entry = record.to_dict()
+        for name, mark in zip(_TEMPLATE_FIELDS, _MARKS, strict=True):
+            entry[name] = mark
+        text = _dumps(entry)
+        if len(text) > MAX_AUDIT_LINE_BYTES // 2:
+            return None
+        parts: list[str] = []
+        for mark in _MARKS:
+            encoded = _json_str(mark)
+            if text.count(encoded) != 1:
+                return None
+            head, _, text = text.partition(encoded)
+            parts.append(head)
+        parts.append(text)
+        return cls(tuple(parts))
+
+    def line(
+        self, *, request_id: str, peer: str | None, latency_ms: float, now: float
+    ) -> str | None:
+        """The line (no newline) of a call at `now` (seconds since the epoch); None when it
+        would be longer than a line may be (then `AuditRecord.to_json()` bounds it)."""
+        p = self._parts
+        line = (
+            f'{p[0]}"{rfc3339_micro_at(now)}"{p[1]}{_json_str(bounded(request_id))}{p[2]}'
+            f"{'null' if peer is None else _json_str(bounded(peer))}{p[3]}"
+            f"{round(latency_ms, 3)!r}{p[4]}"
+        )
+        return line if len(line) <= MAX_AUDIT_LINE_BYTES else None
+
+
 def _bounded_or_none(value: str | None, limit: int) -> str | None:
     return None if value is None else bounded(value, limit)
 
@@ -336,6 +389,30 @@ def _bounded_or_none(value: str | None, limit: int) -> str | None:
 def rfc3339_micro(when: datetime) -> str:
     """`2024-05-01T12:00:00.123456Z`, as Kubernetes writes audit timestamps."""
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# The last second rfc3339_micro_at formatted, and its text.
+_second: tuple[int, str] = (-1, "")
+
+
+def rfc3339_micro_at(timestamp: float) -> str:
+    """`rfc3339_micro(datetime.fromtimestamp(timestamp, UTC))`, with the seconds' text made
+    once per second: microseconds rounded half to even, as datetime rounds them."""
+    global _second
+    fraction, whole = math.modf(timestamp)
+    seconds = int(whole)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        seconds += 1
+        micros -= 1_000_000
+    elif micros < 0:
+        seconds -= 1
+        micros += 1_000_000
+    cached_second, text = _second
+    if cached_second != seconds:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _second = (seconds, text)
+    return f"{text}.{micros:06d}Z"
 
 
 def _outcome(error: BaseException | None) -> tuple[Decision, str, str, int | None]:
@@ -688,8 +765,12 @@ class AuditLog:
     async def write(self, record: AuditRecord) -> None:
         """Append the record's line, waiting at most `write_timeout_seconds`. Fail-closed:
         raises AuditWriteError if it was not written (in time); fail-open: returns."""
+        await self.write_line(record.to_json())
+
+    async def write_line(self, line: str) -> None:
+        """`write` of a line already rendered (an AuditTemplate's): one line, no newline."""
         try:
-            await self._write_line(record.to_json() + "\n")
+            await self._write_line(line + "\n")
         except (OSError, ValueError, _QueueFull) as exc:  # TimeoutError is an OSError
             if self._fail_closed:
                 raise AuditWriteError(

@@ -13,6 +13,17 @@ not forge a `broker.access ... OK` line): the text format escapes every non-prin
 character of the message and the field values (`\n`, `\x1b`, `\u2028`), quotes values with
 spaces, and prefixes each line of a traceback with CONTINUATION; JSON escapes control
 characters, and U+0085, U+2028 and U+2029 (line breaks to some readers) too.
+
+The access line of every call (broker.observe) may skip the logging machinery (a LogRecord,
+the logger hierarchy, the handler's filters and formatter: some 20 µs a line) when that
+machinery provably could not change it: `direct_json_handler` finds the handler
+`setup_logging` installed, in JSON format, as the only handler the record would reach, with
+only its own filters, and nothing else configured in between (no logger filters, no other
+handler, no custom record factory, the level enabled). The line is then rendered by the same
+function JsonFormatter uses (`json_line`), redacted by the same function RedactFilter uses
+(`redact_fields`), and written to the handler's stream under the handler's lock, as the handler
+would. Otherwise (pytest's caplog, a text format, a handler someone added) it goes through
+logging like any record.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import contextvars
 import io
 import json
 import logging
+import math
 import re
 import sys
 import threading
@@ -117,6 +129,16 @@ def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS}
 
 
+def redact_fields(fields: dict[str, Any]) -> None:
+    """Redact the string values of `fields` in place (RedactFilter's work on extra fields)."""
+    strings = [(k, v) for k, v in fields.items() if isinstance(v, str)]
+    # One check over all of them (an access line has ten), then each only if needed: a
+    # pattern matching one string matches inside the joined text too.
+    if strings and _may_hold_secret("\n".join(v for _, v in strings)):
+        for key, value in strings:
+            fields[key] = redact(value)
+
+
 class RedactFilter(logging.Filter):
     """Masks token-like strings in a record before any formatter sees it."""
 
@@ -128,12 +150,11 @@ class RedactFilter(logging.Filter):
         # Formatted once here, so a redacted argument cannot be re-expanded later.
         record.msg = redact(message)
         record.args = None
-        strings = {k: v for k, v in extra_fields(record).items() if isinstance(v, str)}
-        # One check over all of them (an access line has ten), then each only if needed: a
-        # pattern matching one string matches inside the joined text too.
-        if strings and _may_hold_secret("\n".join(strings.values())):
-            for key, value in strings.items():
-                setattr(record, key, redact(value))
+        fields = extra_fields(record)
+        redact_fields(fields)
+        for key, value in fields.items():
+            if isinstance(value, str) and value is not getattr(record, key):
+                setattr(record, key, value)
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
@@ -176,24 +197,67 @@ def _text_value(value: object) -> str:
 _JSON_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
+# The last second iso_millis_at formatted, and its text.
+_second: tuple[int, str] = (-1, "")
+
+
+def iso_millis_at(timestamp: float) -> str:
+    """`datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")`, the
+    seconds' text made once per second."""
+    global _second
+    fraction, whole = math.modf(timestamp)
+    seconds = int(whole)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        seconds += 1
+        micros -= 1_000_000
+    elif micros < 0:
+        seconds -= 1
+        micros += 1_000_000
+    cached_second, text = _second
+    if cached_second != seconds:
+        text = datetime.fromtimestamp(seconds, UTC).isoformat()[:19]
+        _second = (seconds, text)
+    return f"{text}.{micros // 1000:03d}+00:00"
+
+
+def json_line(
+    created: float,
+    levelname: str,
+    name: str,
+    message: str,
+    fields: dict[str, Any],
+    exception: str | None = None,
+) -> str:
+    """A record as one JSON line: time, level, logger, message, then the extra fields."""
+    entry: dict[str, Any] = {
+        "time": iso_millis_at(created),
+        "level": levelname.lower(),
+        "logger": name,
+        "message": message,
+    }
+    for key, value in fields.items():
+        entry.setdefault(key, value)
+    if exception:
+        entry["exception"] = exception
+    # Outside strings JSON has none of these characters: escaping them keeps it JSON.
+    return json.dumps(entry, default=str, ensure_ascii=False).translate(_JSON_LINE_BREAKS)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, then the extra fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key, value in extra_fields(record).items():
-            entry.setdefault(key, value)
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
-        if record.exc_text:
-            entry["exception"] = record.exc_text
-        # Outside strings JSON has none of these characters: escaping them keeps it JSON.
-        return json.dumps(entry, default=str, ensure_ascii=False).translate(_JSON_LINE_BREAKS)
+        return json_line(
+            record.created,
+            record.levelname,
+            record.name,
+            record.getMessage(),
+            extra_fields(record),
+            record.exc_text,
+        )
 
 
 class TextFormatter(logging.Formatter):
@@ -250,6 +314,8 @@ def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> loggin
     handler.addFilter(RequestIdFilter())
     handler.addFilter(RedactFilter())
     handler.setFormatter(formatter)
+    global _installed
+    _installed = (handler, tuple(handler.filters))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -271,6 +337,58 @@ def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> loggin
 
 
 _DROPPED = "%d log lines dropped: stderr did not take them"
+
+# The handler setup_logging installed last, with its own filters.
+_installed: tuple[logging.Handler, tuple[Any, ...]] | None = None
+
+
+def direct_json_handler(logger: logging.Logger, level: int) -> logging.StreamHandler[Any] | None:
+    """The handler a record of `logger` at `level` would reach, when logging could do
+    nothing to it but what `json_line` and `redact_fields` do (see the module docstring):
+    setup_logging's own JSON handler, the only one on the way, with only its own filters.
+    None otherwise: log the record through logging."""
+    installed = _installed
+    if installed is None:
+        return None
+    handler, filters = installed
+    if (
+        type(logger) is not logging.Logger
+        or logger.disabled
+        or logger.filters
+        or not logger.isEnabledFor(level)
+        or logging.getLogRecordFactory() is not logging.LogRecord
+    ):
+        return None
+    node: logging.Logger | None = logger
+    while node is not None:
+        if node.parent is None:
+            if node.handlers != [handler]:
+                return None
+        elif node.handlers or not node.propagate:
+            return None
+        node = node.parent
+    if (
+        type(handler) is not logging.StreamHandler
+        or handler.level > level
+        or tuple(handler.filters) != filters
+        or type(handler.formatter) is not JsonFormatter
+    ):
+        return None
+    return handler
+
+
+def write_direct(
+    handler: logging.StreamHandler[Any], logger: logging.Logger, level: int, line: str
+) -> None:
+    """Write `line` as `handler` writes a formatted record: under its lock, then flush."""
+    handler.acquire()
+    try:
+        handler.stream.write(line + handler.terminator)
+        handler.flush()
+    except Exception:
+        handler.handleError(logger.makeRecord(logger.name, level, "", 0, line, (), None))
+    finally:
+        handler.release()
 
 
 class BackgroundLineWriter(io.TextIOBase):

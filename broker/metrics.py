@@ -106,6 +106,15 @@ class AuditState(Protocol):
     def problem(self) -> str | None: ...
 
 
+class MemoState(Protocol):
+    """broker.decision_memo.DecisionMemo, as the metrics read it."""
+
+    @property
+    def stats(self) -> Any: ...
+
+    def __len__(self) -> int: ...
+
+
 class CacheStats(Protocol):
     """Cumulative cache statistics (hits, misses, evictions since start) and its size now."""
 
@@ -180,11 +189,8 @@ class BrokerMetrics:
         # --- requests and tokens ----------------------------------------------------------
         caller = ("caller",) if self.settings.caller_labels else ()
         self._callers: set[str] = set()
-        self.in_flight = Gauge(
-            "token_broker_in_flight_requests",
-            "CreateToken calls being handled now.",
-            registry=r,
-        )
+        # CreateToken calls being handled now (the request path counts them; read at scrape).
+        self.in_flight_calls = 0
         self.tokens_issued = Counter(
             "token_broker_tokens_issued",
             "Tokens handed out to callers (CreateToken answered OK), by namespace.",
@@ -282,7 +288,7 @@ class BrokerMetrics:
         self.build_info.labels(broker_version(), platform.python_version(), grpc.__version__).set(1)
 
         # Read at scrape time.
-        self._state = _StateCollector()
+        self._state = _StateCollector(self)
         r.register(self._state)
 
     # --- gRPC -----------------------------------------------------------------------------
@@ -310,7 +316,16 @@ class BrokerMetrics:
         self, namespace: str, lifetime_seconds: int | None, caller: str | None = None
     ) -> None:
         """A token handed out; `lifetime_seconds`: its own (exp - iat), None when unknown."""
-        self.tokens_issued.labels(namespace, *self._caller(caller)).inc()
+        self.token_handed_out(self.issued_series(namespace, caller), lifetime_seconds)
+
+    def issued_series(self, namespace: str, caller: str | None = None) -> Any:
+        """The `token_broker_tokens_issued` series of a namespace and caller (the request
+        path resolves it once per distinct call: broker.decision_memo)."""
+        return self.tokens_issued.labels(namespace, *self._caller(caller))
+
+    def token_handed_out(self, series: Any, lifetime_seconds: int | None) -> None:
+        """A token handed out, counted in `series` (`issued_series`)."""
+        series.inc()
         if lifetime_seconds is not None:
             self.granted_lifetime.observe(lifetime_seconds)
 
@@ -319,13 +334,21 @@ class BrokerMetrics:
         self.tokens_withheld.labels(reason).inc()
 
     def token_requested(self, expiration_seconds: int | None) -> None:
-        self.requested_lifetime.observe(
-            DEFAULT_EXPIRATION_SECONDS if expiration_seconds is None else expiration_seconds
-        )
+        self.requested_lifetime.observe(self.requested_lifetime_value(expiration_seconds))
+
+    @staticmethod
+    def requested_lifetime_value(expiration_seconds: int | None) -> float:
+        """What `token_requested` observes for a request's expirationSeconds."""
+        return DEFAULT_EXPIRATION_SECONDS if expiration_seconds is None else expiration_seconds
 
     def policy_decision(self, allowed: bool, reason: str, caller: str | None = None) -> None:
+        self.decision_series(allowed, reason, caller).inc()
+
+    def decision_series(self, allowed: bool, reason: str, caller: str | None = None) -> Any:
+        """The `token_broker_policy_decisions` series of a decision (resolved once per
+        distinct call: broker.decision_memo)."""
         result = "allowed" if allowed else "denied"
-        self.policy_decisions.labels(result, reason, *self._caller(caller)).inc()
+        return self.policy_decisions.labels(result, reason, *self._caller(caller))
 
     def authentication_failure(self, method: str, reason: str) -> None:
         self.authentication_failures.labels(method, reason).inc()
@@ -374,6 +397,10 @@ class BrokerMetrics:
     def watch_audit(self, source: AuditState | None) -> None:
         self._state.audit = source
 
+    def watch_memo(self, memo: MemoState | None) -> None:
+        """Export the decision memo's counters (and the calls in flight) at each scrape."""
+        self._state.memo = memo
+
     def watch_readiness(self, ready: Callable[[], bool] | None) -> None:
         self._state.ready = ready
 
@@ -406,7 +433,9 @@ class GrpcMethodMetrics:
 class _StateCollector(Collector):
     """Values kept elsewhere, read when scraped."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: BrokerMetrics) -> None:
+        self.metrics = metrics
+        self.memo: MemoState | None = None
         self.policy: ReloadCounts | None = None
         self.audit: AuditState | None = None
         self.ready: Callable[[], bool] | None = None
@@ -417,6 +446,27 @@ class _StateCollector(Collector):
         self.certificate_expiry: Callable[[], datetime] | None = None
 
     def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "token_broker_in_flight_requests",
+            "CreateToken calls being handled now.",
+            value=self.metrics.in_flight_calls,
+        )
+        memo = self.memo
+        if memo is not None:
+            memo_ = "token_broker_decision_memo_"
+            yield CounterMetricFamily(
+                memo_ + "hits",
+                "CreateToken calls whose decision (validation, policy, effective request, "
+                "cache key) was remembered from an identical earlier call under the policy in "
+                "force.",
+                value=memo.stats.hits,
+            )
+            yield CounterMetricFamily(
+                memo_ + "misses",
+                "Authenticated CreateToken calls decided anew.",
+                value=memo.stats.misses,
+            )
+            yield GaugeMetricFamily(memo_ + "entries", "Decisions remembered now.", value=len(memo))
         yield from self._collect_files()
         limiter = self.rate_limiter
         if limiter is not None:

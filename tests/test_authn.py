@@ -43,6 +43,7 @@ from broker.config import (
 )
 from broker.errors import BrokerError, RichStatus, rich_status_from_call
 from broker.reasons import Reason
+from broker.service import grpc_credentials
 
 SPIFFE_ID = "spiffe://example.org/ci/runner"
 MESSAGE_MISSING = "the request carries no credentials"
@@ -62,7 +63,7 @@ async def serve_who(
 
     async def who(request: bytes, context: aio.ServicerContext[Any, Any]) -> bytes:
         try:
-            identity = await authn.authenticate(context)
+            identity = await authn.authenticate(grpc_credentials(context))
         except BrokerError as err:
             await err.abort(context)
         body = {

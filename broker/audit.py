@@ -9,7 +9,8 @@ lifetime its own claims give it — never the token itself, never a key or a cal
 credential: `AuditRecord` has no field that could hold one.
 
 Writing (`AuditLog`): one writer thread writes the lines in order, off the event loop; the
-lines of concurrent calls go together (group commit), each with its own outcome. A caller waits
+lines of concurrent calls go together (group commit: the thread is woken once per pass of
+the event loop, for all the lines that pass queued), each with its own outcome. A caller waits
 at most `audit.writeTimeoutSeconds` for its line, and at most `audit.maxQueuedLines` lines wait
 in memory, so a sink that blocks (a stdout pipe nobody reads, a hung mount) or fails (a full
 disk) never stalls the broker:
@@ -693,6 +694,8 @@ class AuditLog:
         self._lock = threading.Lock()
         self._queue: deque[_Line | _Action] = deque()
         self._wake = threading.Event()
+        # A wake-up of the writer is scheduled for the end of this pass of the event loop.
+        self._wake_scheduled = False
         # time.monotonic() when the write in progress started (None: none in progress).
         self._write_started: float | None = None
         self._thread = threading.Thread(target=self._run, name="audit-log", daemon=True)
@@ -846,9 +849,17 @@ class AuditLog:
                 self._watchdog = loop.call_at(line.deadline, self._end_expired_waits)
         self._queue.append(line)  # deque.append: atomic, no lock against the writer
         self._pending += 1
-        if not self._wake.is_set():
-            self._wake.set()
+        if not self._wake_scheduled:
+            # Woken once for all the lines this pass of the event loop queues (the lines of
+            # concurrent calls go together), not once per line: a wake-up is a system call
+            # and a thread switch.
+            self._wake_scheduled = True
+            loop.call_soon(self._wake_writer)
         return line
+
+    def _wake_writer(self) -> None:
+        self._wake_scheduled = False
+        self._wake.set()
 
     def _end_expired_waits(self) -> None:
         """The watchdog: the callers whose wait ran out stop waiting (`_WaitExpired`)."""

@@ -28,6 +28,7 @@ logging like any record.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import contextvars
@@ -394,10 +395,11 @@ def write_direct(
 class BackgroundLineWriter(io.TextIOBase):
     """The stream of a log handler: write() queues the line, a writer thread writes them.
 
-    StreamHandler calls flush() after every line; that wakes the thread, which writes all
-    the lines queued by then in one call: one system call for many lines, none made by the
-    event loop. At most `max_pending_chars` wait; beyond that lines are dropped (a stderr
-    nobody reads must not grow the broker's memory) and a notice says how many.
+    StreamHandler calls flush() after every line; that wakes the thread (on an event loop's
+    thread: once, at the end of the loop's pass, for all the lines of that pass), which
+    writes all the lines queued by then in one call: one system call for many lines, none
+    made by the event loop. At most `max_pending_chars` wait; beyond that lines are dropped
+    (a stderr nobody reads must not grow the broker's memory) and a notice says how many.
     """
 
     def __init__(
@@ -417,6 +419,8 @@ class BackgroundLineWriter(io.TextIOBase):
         self._dropped = 0
         self._stopping = False
         self._wake = threading.Event()
+        # The event loop whose next pass wakes the thread (set by flush() on that loop).
+        self._wake_scheduled: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
@@ -433,8 +437,22 @@ class BackgroundLineWriter(io.TextIOBase):
         return len(text)
 
     def flush(self) -> None:
-        if not self._wake.is_set():
-            self._wake.set()
+        if self._wake.is_set():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._wake.set()  # not on an event loop's thread
+            return
+        if self._wake_scheduled is not loop:
+            # Woken once for all the lines this pass of the event loop writes, not once per
+            # line: a wake-up is a system call and a thread switch.
+            self._wake_scheduled = loop
+            loop.call_soon(self._wake_now)
+
+    def _wake_now(self) -> None:
+        self._wake_scheduled = None
+        self._wake.set()
 
     def stop(self) -> None:
         """Write what is queued and end the thread (at exit; idempotent)."""

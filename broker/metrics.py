@@ -13,10 +13,18 @@ at /metrics.
   first `metrics.callerLabelLimit` identities (the rest are `other`).
 - Values other parts keep themselves (policy reloads, lost audit lines, cache statistics,
   readiness) are read when scraped, by a custom collector.
+
+The series every call counts in (the `grpc_server_*` ones, the calls in flight, the requested
+and granted lifetimes, the policy decisions and issued tokens) are `LoopCounter`s and
+`LoopHistogram`s: plain numbers, changed on the event loop where the calls run and read there
+when /metrics is scraped (the admin listener serves on the same loop), so counting costs an
+addition instead of a lock per increment, and stays exact. They expose exactly what
+prometheus_client's Counter and Histogram would (names, help, labels, `le` buckets).
 """
 
 from __future__ import annotations
 
+import bisect
 import importlib.metadata
 import platform
 from collections.abc import Callable, Iterator, Sequence
@@ -28,8 +36,14 @@ from typing import Any, Protocol
 import grpc
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from broker.config import MetricsSettings
 from broker.upstream import AttemptOutcome
@@ -153,31 +167,31 @@ class BrokerMetrics:
         grpc_labels = ("grpc_type", "grpc_service", "grpc_method")
 
         # --- gRPC server (go-grpc-prometheus names) ----------------------------------------
-        self.grpc_started = Counter(
+        self.grpc_started = LoopCounter(
             "grpc_server_started",
             "Total number of RPCs started on the server.",
             grpc_labels,
             registry=r,
         )
-        self.grpc_handled = Counter(
+        self.grpc_handled = LoopCounter(
             "grpc_server_handled",
             "Total number of RPCs completed on the server, regardless of success or failure.",
             (*grpc_labels, "grpc_code"),
             registry=r,
         )
-        self.grpc_msg_received = Counter(
+        self.grpc_msg_received = LoopCounter(
             "grpc_server_msg_received",
             "Total number of RPC stream messages received on the server.",
             grpc_labels,
             registry=r,
         )
-        self.grpc_msg_sent = Counter(
+        self.grpc_msg_sent = LoopCounter(
             "grpc_server_msg_sent",
             "Total number of gRPC stream messages sent by the server.",
             grpc_labels,
             registry=r,
         )
-        self.grpc_handling_seconds = Histogram(
+        self.grpc_handling_seconds = LoopHistogram(
             "grpc_server_handling_seconds",
             "Histogram of response latency (seconds) of gRPC that had been application-level "
             "handled by the server.",
@@ -191,20 +205,20 @@ class BrokerMetrics:
         self._callers: set[str] = set()
         # CreateToken calls being handled now (the request path counts them; read at scrape).
         self.in_flight_calls = 0
-        self.tokens_issued = Counter(
+        self.tokens_issued = LoopCounter(
             "token_broker_tokens_issued",
             "Tokens handed out to callers (CreateToken answered OK), by namespace.",
             ("namespace", *caller),
             registry=r,
         )
-        self.requested_lifetime = Histogram(
+        self.requested_lifetime = LoopHistogram(
             "token_broker_token_requested_lifetime_seconds",
             "Token lifetimes callers asked for (absent: the API server default, 3600 s), "
             "for valid, authenticated requests.",
             buckets=LIFETIME_BUCKETS,
             registry=r,
         )
-        self.granted_lifetime = Histogram(
+        self.granted_lifetime = LoopHistogram(
             "token_broker_token_granted_lifetime_seconds",
             "Lifetimes of the tokens handed out, as their own claims say (exp - iat): what "
             "they are valid for, extensions by the API server included.",
@@ -240,7 +254,7 @@ class BrokerMetrics:
         )
 
         # --- decisions --------------------------------------------------------------------
-        self.policy_decisions = Counter(
+        self.policy_decisions = LoopCounter(
             "token_broker_policy_decisions",
             "Policy decisions by result (allowed, denied) and reason (ALLOWED or the "
             "ErrorInfo reason of the refusal).",
@@ -583,3 +597,114 @@ class _StateCollector(Collector):
                 "in seconds since the epoch: alert well before it.",
                 value=self.certificate_expiry().timestamp(),
             )
+
+
+class LoopCounter(Collector):
+    """A Counter (as prometheus_client exposes one) counted with plain numbers on the event
+    loop: `labels(...)` gives a series whose `inc()` is an addition. Event loop only."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._series: dict[tuple[str, ...], _Count] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _Count:
+        key = tuple(str(v) for v in values)
+        series = self._series.get(key)
+        if series is None:
+            if len(key) != len(self._labelnames):
+                raise ValueError(f"{self._name}: {len(self._labelnames)} label values expected")
+            series = self._series[key] = _Count()
+        return series
+
+    def inc(self, amount: float = 1) -> None:
+        self.labels().inc(amount)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for key, series in self._series.items():
+            family.add_metric(key, series.value)
+        yield family
+
+
+class _Count:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: float = 0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+
+class LoopHistogram(Collector):
+    """A Histogram (as prometheus_client exposes one) counted with plain numbers on the event
+    loop. Event loop only."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        bounds = [float(b) for b in buckets]
+        if bounds[-1] != float("inf"):
+            bounds.append(float("inf"))
+        self._bounds = tuple(bounds)
+        self._les = tuple(floatToGoString(b) for b in bounds)  # type: ignore[no-untyped-call]
+        self._series: dict[tuple[str, ...], _Observed] = {}
+        if not self._labelnames:
+            self._series[()] = _Observed(self._bounds)
+        registry.register(self)
+
+    def labels(self, *values: str) -> _Observed:
+        key = tuple(str(v) for v in values)
+        series = self._series.get(key)
+        if series is None:
+            if len(key) != len(self._labelnames):
+                raise ValueError(f"{self._name}: {len(self._labelnames)} label values expected")
+            series = self._series[key] = _Observed(self._bounds)
+        return series
+
+    def observe(self, amount: float) -> None:
+        self._series[()].observe(amount)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for key, series in self._series.items():
+            cumulative = 0.0
+            buckets = []
+            for le, count in zip(self._les, series.counts, strict=True):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric(key, buckets, series.sum)
+        yield family
+
+
+class _Observed:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        # The first bucket whose upper bound is >= amount (`le`), as prometheus_client's.
+        self.counts[bisect.bisect_left(self.bounds, amount)] += 1
+        self.sum += amount

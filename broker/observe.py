@@ -56,7 +56,10 @@ from broker.errors import BrokerError
 from broker.logs import (
     bind_request_id,
     direct_json_handler,
+    iso_millis_at,
     json_line,
+    json_line_parts,
+    json_text,
     redact,
     redact_fields,
     write_direct,
@@ -190,19 +193,53 @@ def log_access(
                 },
             )
         return
-    created = time.time()
-    line_fields: dict[str, object] = {
-        "grpc_service": service,
-        "grpc_method": method,
-        "grpc_code": code.name,
-        "latency_ms": round(elapsed * 1000, 3),
-        "request_id": request_id,
-        **fields,
-    }
-    redact_fields(line_fields)
-    message = redact(f"{service}/{method} {code.name} {elapsed * 1000:.1f}ms")
-    line = json_line(created, logging.getLevelName(level), access_logger.name, message, line_fields)
+    code_name = code.name
+    latency_ms = round(elapsed * 1000, 3)
+    key = (level, service, method, code_name, *fields.items())
+    if key not in _access_templates:
+        constant: dict[str, object] = {
+            "grpc_service": service,
+            "grpc_method": method,
+            "grpc_code": code_name,
+            "latency_ms": None,
+            "request_id": None,
+            **fields,
+        }
+        redact_fields(constant)
+        if len(_access_templates) >= MAX_ACCESS_TEMPLATES:
+            _access_templates.clear()
+        _access_templates[key] = json_line_parts(
+            logging.getLevelName(level), access_logger.name, constant, _OPEN_FIELDS
+        )
+    parts = _access_templates[key]
+    message = redact(f"{service}/{method} {code_name} {elapsed * 1000:.1f}ms")
+    if parts is None:  # a value holds a mark: no template
+        line_fields: dict[str, object] = {
+            "grpc_service": service,
+            "grpc_method": method,
+            "grpc_code": code_name,
+            "latency_ms": latency_ms,
+            "request_id": request_id,
+            **fields,
+        }
+        redact_fields(line_fields)
+        line = json_line(
+            time.time(), logging.getLevelName(level), access_logger.name, message, line_fields
+        )
+    else:
+        p = parts
+        line = (
+            f'{p[0]}"{iso_millis_at(time.time())}"{p[1]}{json_text(message)}{p[2]}'
+            f"{latency_ms!r}{p[3]}{json_text(redact(request_id))}{p[4]}"
+        )
     write_direct(handler, access_logger, level, line)
+
+
+# Access lines rendered once per kind (level, method, code, fields), their varying values
+# left open (broker.logs.json_line_parts); None: that kind has no template.
+_OPEN_FIELDS = ("latency_ms", "request_id")
+MAX_ACCESS_TEMPLATES = 1024
+_access_templates: dict[tuple[object, ...], tuple[str, ...] | None] = {}
 
 
 async def _answer_once(

@@ -264,8 +264,9 @@ def write_broker_config(workdir: Path, kubeconfig: Path, *, cache: bool, port: i
 
 
 class BrokerProcess:
-    """`python -m broker serve --config FILE [--workers N]`; audit lines (stdout) and logs
-    (stderr) go to files, as a log collector would take them."""
+    """`python -m broker serve --config FILE [--workers N]`; its audit lines (stdout) and logs
+    (stderr) are pipes, as in a container, drained into files by threads of this process, as
+    the container runtime's log collector would read them."""
 
     def __init__(
         self,
@@ -289,8 +290,19 @@ class BrokerProcess:
             args += ["--workers", str(workers)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_BROKER_")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
-        with self.audit_file.open("wb") as out, self.log_file.open("wb") as err:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=err, env=env, cwd=src)
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=src
+        )
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._drains = [
+            threading.Thread(target=_drain, args=(pipe, path.open("wb")), daemon=True)
+            for pipe, path in (
+                (self.proc.stdout, self.audit_file),
+                (self.proc.stderr, self.log_file),
+            )
+        ]
+        for drain in self._drains:
+            drain.start()
         self.admin_urls = self._wait_serving()
 
     def _serving(self) -> list[dict[str, Any]]:
@@ -334,4 +346,15 @@ class BrokerProcess:
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
+        code = self.proc.wait(60)
+        for drain in self._drains:
+            drain.join(10)
+        return code
+
+
+def _drain(pipe: Any, out: Any) -> None:
+    """Copy a child's pipe into the file `out` until it closes."""
+    with out:
+        while chunk := pipe.read1(65536):
+            out.write(chunk)
+            out.flush()

@@ -10,7 +10,10 @@ credential: `AuditRecord` has no field that could hold one.
 
 Writing (`AuditLog`): one writer thread writes the lines in order, off the event loop; the
 lines of concurrent calls go together (group commit: the thread is woken once per pass of
-the event loop, for all the lines that pass queued), each with its own outcome. A caller waits
+the event loop, for all the lines that pass queued), each with its own outcome. A line for a
+stdout that is a pipe with room for it (a container's), nothing queued before it, is written
+at once instead, by the event loop, on a non-blocking description of the pipe (broker.pipes):
+such a write cannot block, and saves the thread's wake-up. A caller waits
 at most `audit.writeTimeoutSeconds` for its line, and at most `audit.maxQueuedLines` lines wait
 in memory, so a sink that blocks (a stdout pipe nobody reads, a hung mount) or fails (a full
 disk) never stalls the broker:
@@ -68,6 +71,7 @@ from broker.errors import KUBERNETES_DOMAIN, BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.identity import AuthMethod, CertificateField, Identity
 from broker.issued_token import read_token
+from broker.pipes import close_quietly, nonblocking_pipe, write_whole
 from broker.reasons import ALLOWED, CANCELLED, Reason
 
 if TYPE_CHECKING:
@@ -479,6 +483,11 @@ class _Sink:
     def write(self, line: str) -> None:
         raise NotImplementedError
 
+    def write_now(self, line: str) -> bool:
+        """Write the line from the event loop if that cannot block (broker.pipes), else
+        False (nothing written: the writer thread writes it)."""
+        return False
+
     def prepare(self) -> None:
         """Before each batch of lines (the file sink follows its path)."""
 
@@ -515,13 +524,26 @@ class _FdSink(_Sink):
     """A file descriptor (stdout: not ours to close): one unbuffered write(2) per line, so
     nothing lingers in a buffer after a failure to be written later, and a writer blocked in
     write(2) holds no Python lock (a buffered stdout's lock would stop the interpreter's
-    exit)."""
+    exit). When it is a pipe, `write_now` writes a line that fits at once, non-blocking."""
 
-    def __init__(self, fd: int | None, name: str) -> None:
+    def __init__(self, fd: int | None, name: str, *, direct: int | None = None) -> None:
         self._fd = fd
         self._name = name
         # The file ends in a partial line (a write failed half-way): start on a new line.
         self._torn = False
+        # A non-blocking description of the pipe `fd` writes to (broker.pipes), ours.
+        self._direct = direct
+
+    def write_now(self, line: str) -> bool:
+        return (
+            self._direct is not None
+            and not self._torn
+            and write_whole(self._direct, line.encode("utf-8"))
+        )
+
+    def close(self) -> None:
+        close_quietly(self._direct)
+        self._direct = None
 
     def __str__(self) -> str:
         return self._name
@@ -607,7 +629,7 @@ def _open_sink(sink: TextIO | Path | None) -> _Sink:
         return _StreamSink(sys.stdout)
     with contextlib.suppress(OSError, ValueError):
         sys.stdout.flush()  # what was written through it before goes first
-    return _FdSink(fd, "<stdout>")
+    return _FdSink(fd, "<stdout>", direct=nonblocking_pipe(fd))
 
 
 # A line's state; changed under AuditLog._lock (by the writer thread, or by a caller that
@@ -799,6 +821,15 @@ class AuditLog:
             self._health_changed()
             if self._fail_closed:
                 raise TimeoutError(f"the audit log has not taken a line for {blocked:.0f}s")
+        elif (
+            not self._pending
+            and self._healthy
+            and self._sink_error is None
+            and self._sink.write_now(text)
+        ):
+            # Written at once (a pipe with room, nothing queued before it): no thread.
+            self._written_lines += 1
+            return
         try:
             line = self._enqueue(text, awaited=blocked is None)
         except _QueueFull:

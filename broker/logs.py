@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from broker.config import LogSettings
+from broker.pipes import close_quietly, nonblocking_pipe, write_whole
 
 REDACTED = "<redacted>"
 # Starts every line of a text record after its first (a traceback): never a timestamp.
@@ -354,7 +355,9 @@ def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> loggin
             )
             return formatter.format(record) + "\n"
 
-        writer = BackgroundLineWriter(sys.stderr, dropped_notice=dropped_notice)
+        writer = BackgroundLineWriter(
+            sys.stderr, dropped_notice=dropped_notice, direct=_stderr_pipe()
+        )
         _writers.append(writer)
         handler: logging.Handler = logging.StreamHandler(writer)
     else:
@@ -385,6 +388,15 @@ def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> loggin
 
 
 _DROPPED = "%d log lines dropped: stderr did not take them"
+
+
+def _stderr_pipe() -> int | None:
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a stream without one
+        return None
+    return nonblocking_pipe(fd)
+
 
 # The handler setup_logging installed last, with its own filters.
 _installed: tuple[logging.Handler, tuple[Any, ...]] | None = None
@@ -445,8 +457,11 @@ class BackgroundLineWriter(io.TextIOBase):
     StreamHandler calls flush() after every line; that wakes the thread (on an event loop's
     thread: once, at the end of the loop's pass, for all the lines of that pass), which
     writes all the lines queued by then in one call: one system call for many lines, none
-    made by the event loop. At most `max_pending_chars` wait; beyond that lines are dropped
-    (a stderr nobody reads must not grow the broker's memory) and a notice says how many.
+    made by the event loop. When stderr is a pipe, a line it has room for, nothing queued
+    before it, is written at once on a non-blocking description of the pipe (broker.pipes):
+    that cannot block, and saves the thread's wake-up. At most `max_pending_chars` wait;
+    beyond that lines are dropped (a stderr nobody reads must not grow the broker's memory)
+    and a notice says how many.
     """
 
     def __init__(
@@ -455,13 +470,21 @@ class BackgroundLineWriter(io.TextIOBase):
         *,
         dropped_notice: Callable[[int], str],
         max_pending_chars: int = 8 * 1024 * 1024,
+        direct: int | None = None,
     ) -> None:
+        """`direct`: a non-blocking description of the pipe `stream` writes to
+        (broker.pipes), to write lines at once when it has room; closed by `stop()`."""
         super().__init__()
         self._stream = stream
+        self._direct = direct
+        self._encoding = getattr(stream, "encoding", None) or "utf-8"
+        self._errors = getattr(stream, "errors", None) or "strict"
         self._dropped_notice = dropped_notice
         self._max_pending_chars = max_pending_chars
         self._lock = threading.Lock()
         self._pending: list[str] = []
+        # The thread is writing lines it took from `_pending`.
+        self._writing = False
         self._pending_chars = 0
         self._dropped = 0
         self._stopping = False
@@ -476,6 +499,14 @@ class BackgroundLineWriter(io.TextIOBase):
 
     def write(self, text: str) -> int:
         with self._lock:
+            if (
+                self._direct is not None
+                and not self._pending
+                and not self._dropped
+                and not self._writing
+                and write_whole(self._direct, text.encode(self._encoding, self._errors))
+            ):
+                return len(text)  # the pipe took it, nothing was waiting before it
             if self._pending_chars + len(text) > self._max_pending_chars:
                 self._dropped += 1
             else:
@@ -484,7 +515,7 @@ class BackgroundLineWriter(io.TextIOBase):
         return len(text)
 
     def flush(self) -> None:
-        if self._wake.is_set():
+        if self._wake.is_set() or not (self._pending or self._dropped):
             return
         try:
             loop = asyncio.get_running_loop()
@@ -507,6 +538,9 @@ class BackgroundLineWriter(io.TextIOBase):
             self._stopping = True
         self._wake.set()
         self._thread.join()
+        with self._lock:
+            close_quietly(self._direct)
+            self._direct = None
 
     def _run(self) -> None:
         while True:
@@ -517,6 +551,8 @@ class BackgroundLineWriter(io.TextIOBase):
                 lines, self._pending, self._pending_chars = self._pending, [], 0
                 dropped, self._dropped = self._dropped, 0
                 stopping = self._stopping
+                # No line goes straight to the pipe before these are written.
+                self._writing = bool(lines or dropped)
             if dropped:
                 lines.append(self._dropped_notice(dropped))
             if lines:
@@ -525,6 +561,9 @@ class BackgroundLineWriter(io.TextIOBase):
                     self._stream.flush()
                 except (OSError, ValueError):
                     pass  # stderr is gone: there is nowhere to say so
+                finally:
+                    with self._lock:
+                        self._writing = False
             if stopping:
                 return
 

@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from broker.config import LogSettings
-from broker.pipes import close_quietly, nonblocking_pipe, write_whole
+from broker.pipes import PIPE_BUF, close_quietly, nonblocking_pipe, write_whole
 
 REDACTED = "<redacted>"
 # Starts every line of a text record after its first (a traceback): never a timestamp.
@@ -452,16 +452,17 @@ def write_direct(
 
 
 class BackgroundLineWriter(io.TextIOBase):
-    """The stream of a log handler: write() queues the line, a writer thread writes them.
+    """The stream of a log handler: write() queues the line; the lines are written in
+    order, never by a blocking write on the event loop.
 
-    StreamHandler calls flush() after every line; that wakes the thread (on an event loop's
-    thread: once, at the end of the loop's pass, for all the lines of that pass), which
-    writes all the lines queued by then in one call: one system call for many lines, none
-    made by the event loop. When stderr is a pipe, a line it has room for, nothing queued
-    before it, is written at once on a non-blocking description of the pipe (broker.pipes):
-    that cannot block, and saves the thread's wake-up. At most `max_pending_chars` wait;
-    beyond that lines are dropped (a stderr nobody reads must not grow the broker's memory)
-    and a notice says how many.
+    StreamHandler calls flush() after every line. On an event loop's thread that schedules,
+    once per pass of the loop, the writing of all the lines of that pass: when stderr is a
+    pipe, straight to it (in writes of at most PIPE_BUF bytes, on a non-blocking description
+    of the pipe of our own: broker.pipes), as far as the pipe takes them at once; whatever
+    is left (a full pipe, a file, a long line), and the lines of other threads, a writer
+    thread writes, in one call for all the lines queued by then. At most `max_pending_chars`
+    wait; beyond that lines are dropped (a stderr nobody reads must not grow the broker's
+    memory) and a notice says how many.
     """
 
     def __init__(
@@ -473,7 +474,7 @@ class BackgroundLineWriter(io.TextIOBase):
         direct: int | None = None,
     ) -> None:
         """`direct`: a non-blocking description of the pipe `stream` writes to
-        (broker.pipes), to write lines at once when it has room; closed by `stop()`."""
+        (broker.pipes); closed by `stop()`."""
         super().__init__()
         self._stream = stream
         self._direct = direct
@@ -489,8 +490,8 @@ class BackgroundLineWriter(io.TextIOBase):
         self._dropped = 0
         self._stopping = False
         self._wake = threading.Event()
-        # The event loop whose next pass wakes the thread (set by flush() on that loop).
-        self._wake_scheduled: asyncio.AbstractEventLoop | None = None
+        # The event loop whose pass ends with writing the lines (set by flush() on it).
+        self._pass_scheduled: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
@@ -499,14 +500,6 @@ class BackgroundLineWriter(io.TextIOBase):
 
     def write(self, text: str) -> int:
         with self._lock:
-            if (
-                self._direct is not None
-                and not self._pending
-                and not self._dropped
-                and not self._writing
-                and write_whole(self._direct, text.encode(self._encoding, self._errors))
-            ):
-                return len(text)  # the pipe took it, nothing was waiting before it
             if self._pending_chars + len(text) > self._max_pending_chars:
                 self._dropped += 1
             else:
@@ -515,22 +508,50 @@ class BackgroundLineWriter(io.TextIOBase):
         return len(text)
 
     def flush(self) -> None:
-        if self._wake.is_set() or not (self._pending or self._dropped):
+        if not (self._pending or self._dropped):
             return
         try:
             loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._wake.set()  # not on an event loop's thread
+        except RuntimeError:  # not on an event loop's thread
+            if not self._wake.is_set():
+                self._wake.set()
             return
-        if self._wake_scheduled is not loop:
-            # Woken once for all the lines this pass of the event loop writes, not once per
-            # line: a wake-up is a system call and a thread switch.
-            self._wake_scheduled = loop
-            loop.call_soon(self._wake_now)
+        if self._pass_scheduled is not loop:
+            # Once for all the lines of this pass of the loop: a write to a pipe wakes its
+            # reader, a wake-up of the thread is a system call and a thread switch.
+            self._pass_scheduled = loop
+            loop.call_soon(self._write_pass)
 
-    def _wake_now(self) -> None:
-        self._wake_scheduled = None
-        self._wake.set()
+    def _write_pass(self) -> None:
+        """The end of a pass of the event loop: its lines to the pipe, the rest to the
+        thread."""
+        self._pass_scheduled = None
+        with self._lock:
+            if self._direct is not None and not self._writing and not self._dropped:
+                self._write_to_pipe()
+            if not (self._pending or self._dropped):
+                return
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def _write_to_pipe(self) -> None:
+        """Write the pending lines the pipe takes at once, whole lines in writes of at most
+        PIPE_BUF bytes (atomic), in order; the rest stay pending. Under the lock."""
+        assert self._direct is not None
+        pending = self._pending
+        encoded = [text.encode(self._encoding, self._errors) for text in pending]
+        done = 0
+        while done < len(encoded):
+            end, size = done, 0
+            while end < len(encoded) and (end == done or size + len(encoded[end]) <= PIPE_BUF):
+                size += len(encoded[end])
+                end += 1
+            if not write_whole(self._direct, b"".join(encoded[done:end])):
+                break  # full, or a line longer than PIPE_BUF: the thread writes the rest
+            done = end
+        if done:
+            self._pending_chars -= sum(len(text) for text in pending[:done])
+            del pending[:done]
 
     def stop(self) -> None:
         """Write what is queued and end the thread (at exit; idempotent)."""

@@ -71,7 +71,7 @@ from broker.errors import KUBERNETES_DOMAIN, BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.identity import AuthMethod, CertificateField, Identity
 from broker.issued_token import read_token
-from broker.pipes import close_quietly, nonblocking_pipe, write_whole
+from broker.pipes import close_quietly, nonblocking_pipe, write_lines
 from broker.reasons import ALLOWED, CANCELLED, Reason
 
 if TYPE_CHECKING:
@@ -483,10 +483,14 @@ class _Sink:
     def write(self, line: str) -> None:
         raise NotImplementedError
 
-    def write_now(self, line: str) -> bool:
-        """Write the line from the event loop if that cannot block (broker.pipes), else
-        False (nothing written: the writer thread writes it)."""
+    def writes_now(self) -> bool:
+        """Whether the event loop may write lines itself (`write_lines_now`): a pipe."""
         return False
+
+    def write_lines_now(self, lines: list[str]) -> int:
+        """Write the first lines that the sink takes at once without blocking (broker.pipes);
+        how many."""
+        return 0
 
     def prepare(self) -> None:
         """Before each batch of lines (the file sink follows its path)."""
@@ -534,12 +538,13 @@ class _FdSink(_Sink):
         # A non-blocking description of the pipe `fd` writes to (broker.pipes), ours.
         self._direct = direct
 
-    def write_now(self, line: str) -> bool:
-        return (
-            self._direct is not None
-            and not self._torn
-            and write_whole(self._direct, line.encode("utf-8"))
-        )
+    def writes_now(self) -> bool:
+        return self._direct is not None and not self._torn
+
+    def write_lines_now(self, lines: list[str]) -> int:
+        if self._direct is None or self._torn:
+            return 0
+        return write_lines(self._direct, [line.encode("utf-8") for line in lines])
 
     def close(self) -> None:
         close_quietly(self._direct)
@@ -718,6 +723,8 @@ class AuditLog:
         self._wake = threading.Event()
         # A wake-up of the writer is scheduled for the end of this pass of the event loop.
         self._wake_scheduled = False
+        # The lines of this pass of the loop that go straight to the pipe at its end.
+        self._for_this_pass: list[_Line] = []
         # time.monotonic() when the write in progress started (None: none in progress).
         self._write_started: float | None = None
         self._thread = threading.Thread(target=self._run, name="audit-log", daemon=True)
@@ -821,15 +828,6 @@ class AuditLog:
             self._health_changed()
             if self._fail_closed:
                 raise TimeoutError(f"the audit log has not taken a line for {blocked:.0f}s")
-        elif (
-            not self._pending
-            and self._healthy
-            and self._sink_error is None
-            and self._sink.write_now(text)
-        ):
-            # Written at once (a pipe with room, nothing queued before it): no thread.
-            self._written_lines += 1
-            return
         try:
             line = self._enqueue(text, awaited=blocked is None)
         except _QueueFull:
@@ -878,19 +876,53 @@ class AuditLog:
             self._waiting.append(line)
             if self._watchdog is None:
                 self._watchdog = loop.call_at(line.deadline, self._end_expired_waits)
-        self._queue.append(line)  # deque.append: atomic, no lock against the writer
+        if self._for_this_pass or (
+            not self._pending
+            and self._healthy
+            and self._sink_error is None
+            and self._sink.writes_now()
+        ):
+            # The pipe's: written at the end of this pass of the loop (`_write_pass`).
+            if not self._for_this_pass:
+                loop.call_soon(self._write_pass)
+            self._for_this_pass.append(line)
+        else:
+            self._queue.append(line)  # deque.append: atomic, no lock against the writer
+            if not self._wake_scheduled:
+                # Woken once for all the lines this pass of the event loop queues (the lines
+                # of concurrent calls go together), not once per line: a wake-up is a system
+                # call and a thread switch.
+                self._wake_scheduled = True
+                loop.call_soon(self._wake_writer)
         self._pending += 1
-        if not self._wake_scheduled:
-            # Woken once for all the lines this pass of the event loop queues (the lines of
-            # concurrent calls go together), not once per line: a wake-up is a system call
-            # and a thread switch.
-            self._wake_scheduled = True
-            loop.call_soon(self._wake_writer)
         return line
 
     def _wake_writer(self) -> None:
         self._wake_scheduled = False
         self._wake.set()
+
+    def _write_pass(self) -> None:
+        """The end of a pass of the event loop: the lines it queued for the pipe, written
+        now, whole lines in non-blocking writes of at most PIPE_BUF bytes (atomic) as far as
+        the pipe takes them; the rest (a full pipe) to the writer thread, in order."""
+        lines, self._for_this_pass = self._for_this_pass, []
+        done: list[_Line] = []
+        with self._lock:
+            for line in lines:
+                if line.state == _QUEUED:
+                    line.state = _WRITING
+                    done.append(line)
+        written = self._sink.write_lines_now([line.text for line in done])
+        with self._lock:
+            for line in done[:written]:
+                line.state = _DONE
+            for line in done[written:]:
+                line.state = _QUEUED
+        for line in done[written:]:
+            self._queue.append(line)
+        if written < len(done):
+            self._wake_writer()
+        self._resolve(done[:written])
 
     def _end_expired_waits(self) -> None:
         """The watchdog: the callers whose wait ran out stop waiting (`_WaitExpired`)."""
@@ -1008,6 +1040,9 @@ class AuditLog:
         if self._closed:
             return
         self._closed = True
+        # Lines waiting for the end of this pass go first, by the thread, before it closes.
+        self._queue.extend(self._for_this_pass)
+        self._for_this_pass = []
         if self._checker is not None:
             self._checker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

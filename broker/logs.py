@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from broker.config import LogSettings
-from broker.pipes import PIPE_BUF, close_quietly, nonblocking_pipe, write_whole
+from broker.pipes import close_quietly, nonblocking_pipe, write_lines
 
 REDACTED = "<redacted>"
 # Starts every line of a text record after its first (a traceback): never a timestamp.
@@ -535,20 +535,13 @@ class BackgroundLineWriter(io.TextIOBase):
             self._wake.set()
 
     def _write_to_pipe(self) -> None:
-        """Write the pending lines the pipe takes at once, whole lines in writes of at most
-        PIPE_BUF bytes (atomic), in order; the rest stay pending. Under the lock."""
+        """Write the pending lines the pipe takes at once (broker.pipes.write_lines); the
+        rest stay pending. Under the lock."""
         assert self._direct is not None
         pending = self._pending
-        encoded = [text.encode(self._encoding, self._errors) for text in pending]
-        done = 0
-        while done < len(encoded):
-            end, size = done, 0
-            while end < len(encoded) and (end == done or size + len(encoded[end]) <= PIPE_BUF):
-                size += len(encoded[end])
-                end += 1
-            if not write_whole(self._direct, b"".join(encoded[done:end])):
-                break  # full, or a line longer than PIPE_BUF: the thread writes the rest
-            done = end
+        done = write_lines(
+            self._direct, [text.encode(self._encoding, self._errors) for text in pending]
+        )
         if done:
             self._pending_chars -= sum(len(text) for text in pending[:done])
             del pending[:done]

@@ -50,6 +50,22 @@ def write_whole(fd: int, data: bytes) -> bool:
         return False
 
 
+def write_lines(fd: int, lines: list[bytes]) -> int:
+    """Write whole `lines` (each ending in a newline), in order, to the non-blocking pipe
+    `fd`, in writes of at most PIPE_BUF bytes, as far as the pipe takes them at once; how
+    many were written (the rest: a full pipe, or a line longer than PIPE_BUF)."""
+    done = 0
+    while done < len(lines):
+        end, size = done, 0
+        while end < len(lines) and (end == done or size + len(lines[end]) <= PIPE_BUF):
+            size += len(lines[end])
+            end += 1
+        if not write_whole(fd, b"".join(lines[done:end])):
+            break
+        done = end
+    return done
+
+
 def close_quietly(fd: int | None) -> None:
     if fd is not None:
         with contextlib.suppress(OSError):

@@ -96,18 +96,30 @@ def free_port() -> int:
 # --- the bare server: the same message size, no work --------------------------------------------
 
 
-def _bare_main(port: int, response: bytes, ready: Any) -> None:
+def _bare_main(port: int, response: bytes, ready: Any, protocol: bool) -> None:
     import grpc
     from grpc import aio
 
     async def handle(request: bytes, context: Any) -> bytes:
         return response
 
+    async def handle_as_the_broker(requests: Any, context: Any) -> bytes:
+        # What the broker's protocol asks of any server answering CreateToken as it does:
+        # the request id in the response headers, and the request message received inside
+        # the call (registered request-streaming) rather than before it.
+        await context.send_initial_metadata((("x-request-id", "bench"),))
+        await context.read()
+        return response
+
     async def main() -> None:
         server = aio.server()
+        method: Any = (
+            grpc.stream_unary_rpc_method_handler(handle_as_the_broker)
+            if protocol
+            else grpc.unary_unary_rpc_method_handler(handle)
+        )
         handler = grpc.method_handlers_generic_handler(
-            "tokenbroker.v1.TokenBrokerService",
-            {"CreateToken": grpc.unary_unary_rpc_method_handler(handle)},
+            "tokenbroker.v1.TokenBrokerService", {"CreateToken": method}
         )
         server.add_generic_rpc_handlers((handler,))
         server.add_insecure_port(f"127.0.0.1:{port}")
@@ -123,11 +135,15 @@ def _bare_main(port: int, response: bytes, ready: Any) -> None:
 
 
 class BareServer:
-    def __init__(self, response: bytes) -> None:
+    """A grpc.aio server answering CreateToken with `response`, doing nothing else; with
+    `protocol`, only what the broker's protocol requires besides (the x-request-id header,
+    the request received inside the call)."""
+
+    def __init__(self, response: bytes, *, protocol: bool = False) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.port = free_port()
         ready = ctx.Event()
-        self._proc = ctx.Process(target=_bare_main, args=(self.port, response, ready))
+        self._proc = ctx.Process(target=_bare_main, args=(self.port, response, ready, protocol))
         self._proc.start()
         if not ready.wait(60):
             raise RuntimeError("the bare server did not start")

@@ -119,6 +119,7 @@ class _Running:
     prober: KubernetesProber
     reloading: tuple[ReloadingFiles[Any], ...]
     teardown: contextlib.AsyncExitStack
+    request_path: RequestPath
 
 
 class BrokerServer:
@@ -203,6 +204,11 @@ class BrokerServer:
     @property
     def prober(self) -> KubernetesProber:
         return self._started().prober
+
+    @property
+    def request_path(self) -> RequestPath:
+        """CreateToken's request path (broker.request_path), which the transports share."""
+        return self._started().request_path
 
     @property
     def limiter(self) -> RateLimiter:
@@ -292,6 +298,7 @@ class BrokerServer:
                 prober=prober,
                 reloading=reloading,
                 teardown=stack.pop_all(),
+                request_path=servicer.path,
             )
         state = self.readiness.state()
         if not state.ready:

@@ -79,14 +79,14 @@ class TokenBrokerServicer:
     """The CreateToken handler (register it with `add_token_broker_service`)."""
 
     def __init__(self, path: RequestPath) -> None:
-        self._path = path
+        self.path = path
         metrics: BrokerMetrics = path.metrics
         # As .proto declares it: the handler is registered request-streaming, yet unary.
         self._grpc = metrics.grpc_method("unary", SERVICE_NAME, METHOD_NAME)
 
     async def close(self) -> None:
         """Audit what no line has reported yet (before the audit log closes)."""
-        await self._path.close()
+        await self.path.close()
 
     async def CreateToken(self, requests: Any, context: aio.ServicerContext[Any, Any]) -> bytes:
         started = time.monotonic()
@@ -113,7 +113,7 @@ class TokenBrokerServicer:
             try:
                 await context.send_initial_metadata(((REQUEST_ID_METADATA_KEY, request_id),))
                 try:
-                    response = await self._path.create_token(call, receive)
+                    response = await self.path.create_token(call, receive)
                 except BrokerError as err:
                     await err.abort(context)
                 series.msg_sent.inc()

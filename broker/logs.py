@@ -4,8 +4,8 @@ The code never logs a token on purpose; `RedactFilter` masks anything that still
 one (a JWT, a `Bearer` value, a quoted `"token": "..."` field) in the message, its arguments,
 extra fields and exception text, on every handler this module installs.
 
-Every record logged while a gRPC call is handled carries that call's `request_id`: the
-interceptor (broker.observe) binds it with `bind_request_id`, a context variable, and
+Every record logged while a gRPC call is handled carries that call's `request_id`: the call's
+observer (broker.service, broker.observe) binds it with `bind_request_id`, a context variable, and
 `RequestIdFilter` adds it to each record (unless the record names one itself).
 
 A record is one line, whatever its values hold (an unverified JWT's `iss` with a newline must

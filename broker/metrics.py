@@ -5,7 +5,8 @@ brokers can run in one process (tests) without sharing counts; the admin listene
 at /metrics.
 
 - gRPC server metrics, named and labelled as the gRPC ecosystem's Prometheus middleware
-  (go-grpc-prometheus) does, fed by the interceptor in `broker.observe`.
+  (go-grpc-prometheus) does, fed by CreateToken's adapter (`broker.service`) and, for the
+  other services, by `broker.observe`.
 - Domain metrics under `token_broker_`: base units, bounded label values only. Never a token,
   never a free-form caller string: `namespace` only counts issued tokens (a validated name the
   policy allowed), reasons are the fixed ErrorInfo reasons, the upstream `code` is an HTTP

@@ -251,7 +251,7 @@ async def _answer_once(
         try:
             response = await respond()
         except BaseException as exc:
-            code = _code_after_exception(exc, context)
+            code = code_after_exception(exc, context)
             raise
         else:
             code = _context_code(context) or grpc.StatusCode.OK
@@ -262,7 +262,7 @@ async def _answer_once(
             call.finish(code, info)
 
 
-def _code_after_exception(exc: BaseException, context: Any) -> grpc.StatusCode:
+def code_after_exception(exc: BaseException, context: Any) -> grpc.StatusCode:
     code = _context_code(context)
     if code is not None:
         return code  # context.abort() (AbortError), or set_code() then an exception
@@ -550,7 +550,7 @@ def _counted(call: _Call, info: CallInfo, context: Any) -> Iterator[None]:
         try:
             yield
         except BaseException as exc:
-            code = _code_after_exception(exc, context)
+            code = code_after_exception(exc, context)
             raise
         else:
             code = _context_code(context) or grpc.StatusCode.OK

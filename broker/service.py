@@ -39,7 +39,7 @@ from broker.errors import BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.logs import bind_request_id
 from broker.metrics import BrokerMetrics
-from broker.observe import _code_after_exception, log_access
+from broker.observe import code_after_exception, log_access
 from broker.request_id import REQUEST_ID_METADATA_KEY, request_id_from
 from broker.request_path import RequestPath, TokenCall
 
@@ -119,7 +119,7 @@ class TokenBrokerServicer:
                 series.msg_sent.inc()
                 return response
             except BaseException as exc:
-                code = _code_after_exception(exc, context)
+                code = code_after_exception(exc, context)
                 raise
             finally:
                 elapsed = time.monotonic() - started

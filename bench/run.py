@@ -16,6 +16,10 @@ is read from /proc. The API-server emulator (broker.emulator) runs in a process 
    upstream calls the emulator saw;
 6. `serve --workers 1` vs `serve --workers 2` on cache hits.
 
+The cases a ratio target compares run side by side (1, 1b and 2; 3 and 4: alternating within
+each round, in a reversed order every other round), and each ratio is the median of the
+rounds' own ratios; a row shows a case's best round.
+
 Writes bench/results/latest.md (the table, also printed), latest.json and latency.png.
 `--profile` also runs bench.profile (cProfile of the cache-hit path).
 """
@@ -29,6 +33,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -60,8 +65,11 @@ CHANNELS = 8
 # Total requests per round of a case (split over the load processes); --quick: a fifth.
 COUNTS = {"bare": 16_000, "hits": 8_000, "misses": 2_000, "direct": 2_000, "workers": 8_000}
 # Each case but the burst runs this many rounds; the row is the round with the most
-# requests/s (the machine is shared: the best round is the least disturbed one).
-ROUNDS = 2
+# requests/s (the machine is shared: the best round is the least disturbed one). The cases a
+# ratio compares (1, 1b, 2; 3, 4) run side by side, alternating within each round, and the
+# ratio is the median of the rounds' own ratios: a drift of the shared machine's load
+# disturbs both sides of a ratio alike.
+ROUNDS = 3
 BURST = 1_000
 # The API server's latency during the burst: the upstream call is still in flight while
 # the 1,000 requests arrive, so they meet it in flight (not only in the cache afterwards).
@@ -154,16 +162,42 @@ def load(
         gen.close()
 
 
-def best_of(
-    rounds: int, run: Callable[[], tuple[LoadResult, float, float | None, dict[str, Any]]]
-) -> tuple[LoadResult, float, float | None, dict[str, Any]]:
+# A round of a case: its load's result, the CPU seconds of the process(es) under test and of
+# the emulator, notes.
+Measured = tuple[LoadResult, float, float | None, dict[str, Any]]
+
+
+def best_round(results: list[Measured]) -> Measured:
     """The round with the most requests/s; its notes say how the others did."""
-    results = [run() for _ in range(rounds)]
     best = max(results, key=lambda r: r[0].rate)
     notes = dict(best[3])
-    if rounds > 1:
+    if len(results) > 1:
         notes["rounds_rps"] = [round(r[0].rate) for r in results]
     return best[0], best[1], best[2], notes
+
+
+def best_of(rounds: int, run: Callable[[], Measured]) -> Measured:
+    return best_round([run() for _ in range(rounds)])
+
+
+def side_by_side(
+    rounds: int, cases: dict[str, Callable[[], Measured]]
+) -> dict[str, list[Measured]]:
+    """Every case's rounds, the cases alternating within each round (in reverse order every
+    other round), each idle while another is measured."""
+    results: dict[str, list[Measured]] = {case: [] for case in cases}
+    order = list(cases)
+    for i in range(rounds):
+        for case in order if i % 2 == 0 else order[::-1]:
+            results[case].append(cases[case]())
+    return results
+
+
+def round_ratios(a: list[Measured], b: list[Measured]) -> list[float]:
+    """Round by round, a's requests/s as a share of b's."""
+    return [
+        round(x[0].rate / y[0].rate, 3) if y[0].rate else 0.0 for x, y in zip(a, b, strict=True)
+    ]
 
 
 def hits_on_workers(
@@ -269,9 +303,12 @@ def run_cases(workdir: Path, scale: float) -> tuple[list[Row], dict[str, Any]]:
             response = one_response(broker.address)
             summary["message_bytes"] = {"request": len(request_bytes()), "response": len(response)}
 
-            log(f"2: the broker on cache hits, {ROUNDS} x {counts['hits']} requests")
+            log(
+                f"1, 1b and 2 side by side: the bare server, the same with the broker's "
+                f"protocol, the broker on cache hits; {ROUNDS} rounds"
+            )
 
-            def hits() -> tuple[LoadResult, float, float | None, dict[str, Any]]:
+            def hits() -> Measured:
                 snapshot: list[dict[str, float]] = []
                 result, cpu, _ = load(
                     grpc_spec(broker.address, counts["hits"]),
@@ -284,44 +321,45 @@ def run_cases(workdir: Path, scale: float) -> tuple[list[Row], dict[str, Any]]:
                 stats["hit_ratio"] = round(stats["hits"] / total, 4) if total else 0.0
                 return result, cpu, None, stats
 
-            result, cpu, _, stats = best_of(ROUNDS, hits)
-            rows.append(row("2", "broker, cache hits", result, cpu, None, **stats))
-            summary["cache_hits"] = stats
+            def bare_round(server: BareServer) -> Callable[[], Measured]:
+                def measure() -> Measured:
+                    spec = grpc_spec(server.address, counts["bare"])
+                    return (*load(spec, server.pids, None), {})
+
+                return measure
+
+            bare = BareServer(response)
+            floor = BareServer(response, protocol=True)
+            try:
+                rounds = side_by_side(
+                    ROUNDS, {"1": bare_round(bare), "1b": bare_round(floor), "2": hits}
+                )
+            finally:
+                bare.stop()
+                floor.stop()
+            for case, name in (
+                ("1", "bare grpc.aio server (ceiling)"),
+                ("1b", "bare server, the broker's protocol (floor)"),
+                ("2", "broker, cache hits"),
+            ):
+                result, cpu, _, notes = best_round(rounds[case])
+                rows.append(row(case, name, result, cpu, None, **notes))
+            summary["cache_hits"] = best_round(rounds["2"])[3]
+            summary["round_ratios"] = {
+                "hits_vs_bare": round_ratios(rounds["2"], rounds["1"]),
+                "floor_vs_bare": round_ratios(rounds["1b"], rounds["1"]),
+            }
         finally:
             broker.stop()
-
-        # --- 1: the ceiling ----------------------------------------------------------------
-        log(f"1: the bare grpc.aio server, {ROUNDS} x {counts['bare']} requests")
-        bare = BareServer(response)
-        try:
-            result, cpu, _, notes = best_of(
-                ROUNDS,
-                lambda: (*load(grpc_spec(bare.address, counts["bare"]), bare.pids, None), {}),
-            )
-            rows.append(row("1", "bare grpc.aio server (ceiling)", result, cpu, None, **notes))
-        finally:
-            bare.stop()
-        log(f"1b: the bare server with the broker's protocol, {ROUNDS} x {counts['bare']}")
-        bare = BareServer(response, protocol=True)
-        try:
-            result, cpu, _, notes = best_of(
-                ROUNDS,
-                lambda: (*load(grpc_spec(bare.address, counts["bare"]), bare.pids, None), {}),
-            )
-            rows.append(
-                row("1b", "bare server, the broker's protocol (floor)", result, cpu, None, **notes)
-            )
-        finally:
-            bare.stop()
 
         # --- 3 and 4: misses, and the upstream client alone ---------------------------------
         port = free_port()
         config = write_broker_config(workdir, emulator.kubeconfig, cache=False, port=port)
         broker = BrokerProcess(config, workdir, port=port)
         try:
-            log(f"3: the broker on cache misses, {ROUNDS} x {counts['misses']} requests")
+            log(f"3 and 4 side by side: broker misses, the client alone; {ROUNDS} rounds")
 
-            def misses() -> tuple[LoadResult, float, float | None, dict[str, Any]]:
+            def misses() -> Measured:
                 result, cpu, emu_cpu = load(
                     grpc_spec(broker.address, counts["misses"]),
                     broker.pids,
@@ -330,25 +368,27 @@ def run_cases(workdir: Path, scale: float) -> tuple[list[Row], dict[str, Any]]:
                 )
                 return result, cpu, emu_cpu, {"upstream_calls": emulator.token_request_count()}
 
-            result, cpu, emu_cpu, notes = best_of(ROUNDS, misses)
-            rows.append(row("3", "broker, cache misses → emulator", result, cpu, emu_cpu, **notes))
+            # One process, as the broker is one, with the same number of calls in flight.
+            direct = LoadSpec(
+                kind="kube",
+                kubeconfig=str(emulator.kubeconfig),
+                namespace=NAMESPACE,
+                service_account=SERVICE_ACCOUNT,
+                audiences=(AUDIENCE,),
+                requests=counts["direct"],
+                concurrency=CONCURRENCY * PROCESSES,
+                max_seconds=MAX_SECONDS,
+            )
+
+            def directly() -> Measured:
+                return (*load(direct, [], emulator, processes=1), {})
+
+            rounds = side_by_side(ROUNDS, {"3": misses, "4": directly})
         finally:
             broker.stop()
-        log(f"4: UpstreamClient → emulator directly, {ROUNDS} x {counts['direct']} requests")
-        # One process, as the broker is one, with the same number of calls in flight.
-        direct = LoadSpec(
-            kind="kube",
-            kubeconfig=str(emulator.kubeconfig),
-            namespace=NAMESPACE,
-            service_account=SERVICE_ACCOUNT,
-            audiences=(AUDIENCE,),
-            requests=counts["direct"],
-            concurrency=CONCURRENCY * PROCESSES,
-            max_seconds=MAX_SECONDS,
-        )
-        result, _, emu_cpu, notes = best_of(
-            ROUNDS, lambda: (*load(direct, [], emulator, processes=1), {})
-        )
+        result, cpu, emu_cpu, notes = best_round(rounds["3"])
+        rows.append(row("3", "broker, cache misses → emulator", result, cpu, emu_cpu, **notes))
+        result, _, emu_cpu, notes = best_round(rounds["4"])
         rows.append(
             row(
                 "4",
@@ -359,6 +399,7 @@ def run_cases(workdir: Path, scale: float) -> tuple[list[Row], dict[str, Any]]:
                 **notes,
             )
         )
+        summary["round_ratios"]["misses_vs_direct"] = round_ratios(rounds["3"], rounds["4"])
 
         # --- 6: 1 vs 2 workers on cache hits ----------------------------------------------
         for workers, case in ((1, "6a"), (2, "6b")):
@@ -390,9 +431,16 @@ def summarize(rows: list[Row], summary: dict[str, Any]) -> tuple[list[str], dict
     def ratio(a: str, b: str) -> float:
         return by[a].rps / by[b].rps if by[b].rps else 0.0
 
-    hits_vs_bare = ratio("2", "1")
-    floor_vs_bare = ratio("1b", "1")
-    misses_vs_direct = ratio("3", "4")
+    # The median of the rounds' own ratios (the cases ran side by side).
+    per_round = summary.get("round_ratios", {})
+
+    def median_ratio(name: str, a: str, b: str) -> float:
+        values = per_round.get(name)
+        return statistics.median(values) if values else ratio(a, b)
+
+    hits_vs_bare = median_ratio("hits_vs_bare", "2", "1")
+    floor_vs_bare = median_ratio("floor_vs_bare", "1b", "1")
+    misses_vs_direct = median_ratio("misses_vs_direct", "3", "4")
     workers_speedup = ratio("6b", "6a")
     burst_calls = summary["burst"]["upstream_calls"]
     cpu_bare, cpu_hits = by["1"].server_cpu_per_1k, by["2"].server_cpu_per_1k
@@ -445,13 +493,18 @@ def summarize(rows: list[Row], summary: dict[str, Any]) -> tuple[list[str], dict
         f"broker is one process; case 5: {BURST // PROCESSES} each); request "
         f"{summary['message_bytes']['request']} B, response "
         f"{summary['message_bytes']['response']} B; each row is the best of {ROUNDS} rounds "
-        "(case 5: one).",
+        "(case 5: one). Cases 1, 1b and 2, and cases 3 and 4, ran side by side (alternating "
+        "within each round); a ratio is the median of the rounds' own ratios (rounds: "
+        + ", ".join(f"{k} {v}" for k, v in per_round.items())
+        + ").",
         f"- 2/1, cache hits vs the bare ceiling: **{hits_vs_bare:.2f}** of the requests/s "
+        f"(best rounds: {ratio('2', '1'):.2f}) "
         f"(target ≥ {TARGET_HITS_VS_BARE}: {met(hits_vs_bare >= TARGET_HITS_VS_BARE)}); "
         f"server CPU per request {cpu_hits / cpu_bare:.1f}x the bare server's."
         if cpu_bare and cpu_hits
         else "- 2/1: -",
         f"- 3/4, cache misses vs the upstream client alone: **{misses_vs_direct:.2f}** "
+        f"(best rounds: {ratio('3', '4'):.2f}) "
         f"(target ≥ {TARGET_MISSES_VS_DIRECT}: "
         f"{met(misses_vs_direct >= TARGET_MISSES_VS_DIRECT)}).",
         f"- 5, {b['requests']:,} identical requests on a cold cache, the API server answering "

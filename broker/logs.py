@@ -388,6 +388,8 @@ def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> loggin
 
 
 _DROPPED = "%d log lines dropped: stderr did not take them"
+# The log lines of this long go to stderr together (one write for several calls' lines).
+LOG_WRITE_DELAY_SECONDS = 0.002
 
 
 def _stderr_pipe() -> int | None:
@@ -456,8 +458,8 @@ class BackgroundLineWriter(io.TextIOBase):
     order, never by a blocking write on the event loop.
 
     StreamHandler calls flush() after every line. On an event loop's thread that schedules,
-    once per pass of the loop, the writing of all the lines of that pass: when stderr is a
-    pipe, straight to it (in writes of at most PIPE_BUF bytes, on a non-blocking description
+    LOG_WRITE_DELAY_SECONDS later, the writing of all the lines logged by then: when stderr
+    is a pipe, straight to it (in writes of at most PIPE_BUF bytes, on a non-blocking description
     of the pipe of our own: broker.pipes), as far as the pipe takes them at once; whatever
     is left (a full pipe, a file, a long line), and the lines of other threads, a writer
     thread writes, in one call for all the lines queued by then. At most `max_pending_chars`
@@ -517,14 +519,14 @@ class BackgroundLineWriter(io.TextIOBase):
                 self._wake.set()
             return
         if self._pass_scheduled is not loop:
-            # Once for all the lines of this pass of the loop: a write to a pipe wakes its
-            # reader, a wake-up of the thread is a system call and a thread switch.
+            # Once for all the lines of the next LOG_WRITE_DELAY_SECONDS: a write to a pipe
+            # wakes its reader, a wake-up of the thread is a system call and a thread switch.
             self._pass_scheduled = loop
-            loop.call_soon(self._write_pass)
+            loop.call_later(LOG_WRITE_DELAY_SECONDS, self._write_pass)
 
     def _write_pass(self) -> None:
-        """The end of a pass of the event loop: its lines to the pipe, the rest to the
-        thread."""
+        """The lines logged on the event loop since the last pass: to the pipe, the rest to
+        the thread."""
         self._pass_scheduled = None
         with self._lock:
             if self._direct is not None and not self._writing and not self._dropped:

@@ -33,31 +33,51 @@ from bench.targets import BrokerProcess, EmulatorHost, free_port, write_broker_c
 
 REQUESTS = 8_000
 
-# The request path's steps (file suffix, function name), in order.
+# The request path's steps (file suffix, function name), in order; then those of the request
+# path before the hot-path redesign (for `--src` runs of an older tree).
 STEPS = [
-    ("broker/observe.py", "unary_unary"),
-    ("broker/observe.py", "finish"),
     ("broker/service.py", "CreateToken"),
-    ("broker/service.py", "_handle"),
-    ("broker/service.py", "_create_token"),
+    ("broker/request_path.py", "create_token"),
+    ("broker/request_path.py", "_steps"),
+    ("broker/receive.py", "receive"),
+    ("broker/request_path.py", "_authenticate"),
     ("broker/authn.py", "authenticate"),
-    ("broker/validation.py", "validate_create_token"),
-    ("broker/policy.py", "decide"),
-    ("broker/policy.py", "effective_request"),
-    ("broker/cache.py", "for_request"),
+    ("broker/decision_memo.py", "get"),
+    ("broker/request_path.py", "_decide"),
+    ("broker/request_path.py", "_grant"),
+    ("broker/cache.py", "fresh"),
+    ("broker/request_path.py", "_hit"),
+    ("broker/request_path.py", "_through_cache"),
     ("broker/cache.py", "get_or_fetch"),
     ("broker/upstream_guard.py", "slot"),
     ("broker/upstream.py", "create_token"),
     ("broker/upstream.py", "_attempt_once"),
     ("broker/upstream.py", "_outcome"),
+    ("broker/audit.py", "line"),
+    ("broker/audit.py", "write_line"),
     ("broker/audit.py", "for_call"),
-    ("broker/audit.py", "write"),
     ("broker/audit.py", "to_json"),
-    ("broker/metrics.py", "token_issued"),
+    ("broker/request_path.py", "access_fields"),
+    ("broker/observe.py", "log_access"),
+    ("broker/logs.py", "direct_json_handler"),
+    ("broker/logs.py", "json_line"),
+    ("broker/logs.py", "write_direct"),
+    ("broker/metrics.py", "token_handed_out"),
     ("broker/request_id.py", "request_id_from"),
     ("logging/__init__.py", "log"),
     ("broker/logs.py", "filter"),
     ("broker/logs.py", "format"),
+    # before
+    ("broker/observe.py", "unary_unary"),
+    ("broker/observe.py", "finish"),
+    ("broker/service.py", "_handle"),
+    ("broker/service.py", "_create_token"),
+    ("broker/validation.py", "validate_create_token"),
+    ("broker/policy.py", "decide"),
+    ("broker/policy.py", "effective_request"),
+    ("broker/cache.py", "for_request"),
+    ("broker/audit.py", "write"),
+    ("broker/metrics.py", "token_issued"),
 ]
 
 

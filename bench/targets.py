@@ -96,18 +96,30 @@ def free_port() -> int:
 # --- the bare server: the same message size, no work --------------------------------------------
 
 
-def _bare_main(port: int, response: bytes, ready: Any) -> None:
+def _bare_main(port: int, response: bytes, ready: Any, protocol: bool) -> None:
     import grpc
     from grpc import aio
 
     async def handle(request: bytes, context: Any) -> bytes:
         return response
 
+    async def handle_as_the_broker(requests: Any, context: Any) -> bytes:
+        # What the broker's protocol asks of any server answering CreateToken as it does:
+        # the request id in the response headers, and the request message received inside
+        # the call (registered request-streaming) rather than before it.
+        await context.send_initial_metadata((("x-request-id", "bench"),))
+        await context.read()
+        return response
+
     async def main() -> None:
         server = aio.server()
+        method: Any = (
+            grpc.stream_unary_rpc_method_handler(handle_as_the_broker)
+            if protocol
+            else grpc.unary_unary_rpc_method_handler(handle)
+        )
         handler = grpc.method_handlers_generic_handler(
-            "tokenbroker.v1.TokenBrokerService",
-            {"CreateToken": grpc.unary_unary_rpc_method_handler(handle)},
+            "tokenbroker.v1.TokenBrokerService", {"CreateToken": method}
         )
         server.add_generic_rpc_handlers((handler,))
         server.add_insecure_port(f"127.0.0.1:{port}")
@@ -123,11 +135,15 @@ def _bare_main(port: int, response: bytes, ready: Any) -> None:
 
 
 class BareServer:
-    def __init__(self, response: bytes) -> None:
+    """A grpc.aio server answering CreateToken with `response`, doing nothing else; with
+    `protocol`, only what the broker's protocol requires besides (the x-request-id header,
+    the request received inside the call)."""
+
+    def __init__(self, response: bytes, *, protocol: bool = False) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.port = free_port()
         ready = ctx.Event()
-        self._proc = ctx.Process(target=_bare_main, args=(self.port, response, ready))
+        self._proc = ctx.Process(target=_bare_main, args=(self.port, response, ready, protocol))
         self._proc.start()
         if not ready.wait(60):
             raise RuntimeError("the bare server did not start")
@@ -264,8 +280,9 @@ def write_broker_config(workdir: Path, kubeconfig: Path, *, cache: bool, port: i
 
 
 class BrokerProcess:
-    """`python -m broker serve --config FILE [--workers N]`; audit lines (stdout) and logs
-    (stderr) go to files, as a log collector would take them."""
+    """`python -m broker serve --config FILE [--workers N]`; its audit lines (stdout) and logs
+    (stderr) are pipes, as in a container, drained into files by threads of this process, as
+    the container runtime's log collector would read them."""
 
     def __init__(
         self,
@@ -289,8 +306,19 @@ class BrokerProcess:
             args += ["--workers", str(workers)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOKEN_BROKER_")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
-        with self.audit_file.open("wb") as out, self.log_file.open("wb") as err:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=err, env=env, cwd=src)
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=src
+        )
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._drains = [
+            threading.Thread(target=_drain, args=(pipe, path.open("wb")), daemon=True)
+            for pipe, path in (
+                (self.proc.stdout, self.audit_file),
+                (self.proc.stderr, self.log_file),
+            )
+        ]
+        for drain in self._drains:
+            drain.start()
         self.admin_urls = self._wait_serving()
 
     def _serving(self) -> list[dict[str, Any]]:
@@ -334,4 +362,15 @@ class BrokerProcess:
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
+        code = self.proc.wait(60)
+        for drain in self._drains:
+            drain.join(10)
+        return code
+
+
+def _drain(pipe: Any, out: Any) -> None:
+    """Copy a child's pipe into the file `out` until it closes."""
+    with out:
+        while chunk := pipe.read1(65536):
+            out.write(chunk)
+            out.flush()

@@ -9,7 +9,11 @@ lifetime its own claims give it — never the token itself, never a key or a cal
 credential: `AuditRecord` has no field that could hold one.
 
 Writing (`AuditLog`): one writer thread writes the lines in order, off the event loop; the
-lines of concurrent calls go together (group commit), each with its own outcome. A caller waits
+lines of concurrent calls go together (group commit: the thread is woken once per pass of
+the event loop, for all the lines that pass queued), each with its own outcome. A line for a
+stdout that is a pipe with room for it (a container's), nothing queued before it, is written
+at once instead, by the event loop, on a non-blocking description of the pipe (broker.pipes):
+such a write cannot block, and saves the thread's wake-up. A caller waits
 at most `audit.writeTimeoutSeconds` for its line, and at most `audit.maxQueuedLines` lines wait
 in memory, so a sink that blocks (a stdout pipe nobody reads, a hung mount) or fails (a full
 disk) never stalls the broker:
@@ -46,6 +50,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -66,6 +71,7 @@ from broker.errors import KUBERNETES_DOMAIN, BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.identity import AuthMethod, CertificateField, Identity
 from broker.issued_token import read_token
+from broker.pipes import close_quietly, nonblocking_pipe, write_lines
 from broker.reasons import ALLOWED, CANCELLED, Reason
 
 if TYPE_CHECKING:
@@ -329,6 +335,58 @@ def _dumps(entry: dict[str, Any]) -> str:
     return json.dumps(entry, ensure_ascii=True, separators=(",", ":"))
 
 
+# What `_dumps` makes of a str (ensure_ascii).
+_json_str: Callable[[str], str] = json.encoder.encode_basestring_ascii
+# Stand-ins for the fields an AuditTemplate fills in (a NUL no value of a line holds twice).
+_TEMPLATE_FIELDS = ("time", "requestID", "peer", "latencyMs")
+_MARKS = tuple(f"\x00{name}\x00" for name in _TEMPLATE_FIELDS)
+
+
+class AuditTemplate:
+    """The line of one kind of call, rendered once: an AuditRecord's line with its `time`,
+    `requestID`, `peer` and `latencyMs` left open. `line()` fills them in, giving exactly the
+    line `to_json()` gives for the same record with those four values (a cache hit's line:
+    the request path keeps one per decision and cached token)."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, parts: tuple[str, ...]) -> None:
+        self._parts = parts
+
+    @classmethod
+    def of(cls, record: AuditRecord) -> AuditTemplate | None:
+        """The template of `record`'s line, or None when its other values do not allow one
+        (a value holding a mark, or a line near the length bound: `to_json()` then)."""
+        entry = record.to_dict()
+        for name, mark in zip(_TEMPLATE_FIELDS, _MARKS, strict=True):
+            entry[name] = mark
+        text = _dumps(entry)
+        if len(text) > MAX_AUDIT_LINE_BYTES // 2:
+            return None
+        parts: list[str] = []
+        for mark in _MARKS:
+            encoded = _json_str(mark)
+            if text.count(encoded) != 1:
+                return None
+            head, _, text = text.partition(encoded)
+            parts.append(head)
+        parts.append(text)
+        return cls(tuple(parts))
+
+    def line(
+        self, *, request_id: str, peer: str | None, latency_ms: float, now: float
+    ) -> str | None:
+        """The line (no newline) of a call at `now` (seconds since the epoch); None when it
+        would be longer than a line may be (then `AuditRecord.to_json()` bounds it)."""
+        p = self._parts
+        line = (
+            f'{p[0]}"{rfc3339_micro_at(now)}"{p[1]}{_json_str(bounded(request_id))}{p[2]}'
+            f"{'null' if peer is None else _json_str(bounded(peer))}{p[3]}"
+            f"{round(latency_ms, 3)!r}{p[4]}"
+        )
+        return line if len(line) <= MAX_AUDIT_LINE_BYTES else None
+
+
 def _bounded_or_none(value: str | None, limit: int) -> str | None:
     return None if value is None else bounded(value, limit)
 
@@ -336,6 +394,30 @@ def _bounded_or_none(value: str | None, limit: int) -> str | None:
 def rfc3339_micro(when: datetime) -> str:
     """`2024-05-01T12:00:00.123456Z`, as Kubernetes writes audit timestamps."""
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# The last second rfc3339_micro_at formatted, and its text.
+_second: tuple[int, str] = (-1, "")
+
+
+def rfc3339_micro_at(timestamp: float) -> str:
+    """`rfc3339_micro(datetime.fromtimestamp(timestamp, UTC))`, with the seconds' text made
+    once per second: microseconds rounded half to even, as datetime rounds them."""
+    global _second
+    fraction, whole = math.modf(timestamp)
+    seconds = int(whole)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        seconds += 1
+        micros -= 1_000_000
+    elif micros < 0:
+        seconds -= 1
+        micros += 1_000_000
+    cached_second, text = _second
+    if cached_second != seconds:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _second = (seconds, text)
+    return f"{text}.{micros:06d}Z"
 
 
 def _outcome(error: BaseException | None) -> tuple[Decision, str, str, int | None]:
@@ -401,6 +483,15 @@ class _Sink:
     def write(self, line: str) -> None:
         raise NotImplementedError
 
+    def writes_now(self) -> bool:
+        """Whether the event loop may write lines itself (`write_lines_now`): a pipe."""
+        return False
+
+    def write_lines_now(self, lines: list[str]) -> int:
+        """Write the first lines that the sink takes at once without blocking (broker.pipes);
+        how many."""
+        return 0
+
     def prepare(self) -> None:
         """Before each batch of lines (the file sink follows its path)."""
 
@@ -437,13 +528,27 @@ class _FdSink(_Sink):
     """A file descriptor (stdout: not ours to close): one unbuffered write(2) per line, so
     nothing lingers in a buffer after a failure to be written later, and a writer blocked in
     write(2) holds no Python lock (a buffered stdout's lock would stop the interpreter's
-    exit)."""
+    exit). When it is a pipe, `write_now` writes a line that fits at once, non-blocking."""
 
-    def __init__(self, fd: int | None, name: str) -> None:
+    def __init__(self, fd: int | None, name: str, *, direct: int | None = None) -> None:
         self._fd = fd
         self._name = name
         # The file ends in a partial line (a write failed half-way): start on a new line.
         self._torn = False
+        # A non-blocking description of the pipe `fd` writes to (broker.pipes), ours.
+        self._direct = direct
+
+    def writes_now(self) -> bool:
+        return self._direct is not None and not self._torn
+
+    def write_lines_now(self, lines: list[str]) -> int:
+        if self._direct is None or self._torn:
+            return 0
+        return write_lines(self._direct, [line.encode("utf-8") for line in lines])
+
+    def close(self) -> None:
+        close_quietly(self._direct)
+        self._direct = None
 
     def __str__(self) -> str:
         return self._name
@@ -529,7 +634,7 @@ def _open_sink(sink: TextIO | Path | None) -> _Sink:
         return _StreamSink(sys.stdout)
     with contextlib.suppress(OSError, ValueError):
         sys.stdout.flush()  # what was written through it before goes first
-    return _FdSink(fd, "<stdout>")
+    return _FdSink(fd, "<stdout>", direct=nonblocking_pipe(fd))
 
 
 # A line's state; changed under AuditLog._lock (by the writer thread, or by a caller that
@@ -616,6 +721,10 @@ class AuditLog:
         self._lock = threading.Lock()
         self._queue: deque[_Line | _Action] = deque()
         self._wake = threading.Event()
+        # A wake-up of the writer is scheduled for the end of this pass of the event loop.
+        self._wake_scheduled = False
+        # The lines of this pass of the loop that go straight to the pipe at its end.
+        self._for_this_pass: list[_Line] = []
         # time.monotonic() when the write in progress started (None: none in progress).
         self._write_started: float | None = None
         self._thread = threading.Thread(target=self._run, name="audit-log", daemon=True)
@@ -688,8 +797,12 @@ class AuditLog:
     async def write(self, record: AuditRecord) -> None:
         """Append the record's line, waiting at most `write_timeout_seconds`. Fail-closed:
         raises AuditWriteError if it was not written (in time); fail-open: returns."""
+        await self.write_line(record.to_json())
+
+    async def write_line(self, line: str) -> None:
+        """`write` of a line already rendered (an AuditTemplate's): one line, no newline."""
         try:
-            await self._write_line(record.to_json() + "\n")
+            await self._write_line(line + "\n")
         except (OSError, ValueError, _QueueFull) as exc:  # TimeoutError is an OSError
             if self._fail_closed:
                 raise AuditWriteError(
@@ -763,11 +876,53 @@ class AuditLog:
             self._waiting.append(line)
             if self._watchdog is None:
                 self._watchdog = loop.call_at(line.deadline, self._end_expired_waits)
-        self._queue.append(line)  # deque.append: atomic, no lock against the writer
+        if self._for_this_pass or (
+            not self._pending
+            and self._healthy
+            and self._sink_error is None
+            and self._sink.writes_now()
+        ):
+            # The pipe's: written at the end of this pass of the loop (`_write_pass`).
+            if not self._for_this_pass:
+                loop.call_soon(self._write_pass)
+            self._for_this_pass.append(line)
+        else:
+            self._queue.append(line)  # deque.append: atomic, no lock against the writer
+            if not self._wake_scheduled:
+                # Woken once for all the lines this pass of the event loop queues (the lines
+                # of concurrent calls go together), not once per line: a wake-up is a system
+                # call and a thread switch.
+                self._wake_scheduled = True
+                loop.call_soon(self._wake_writer)
         self._pending += 1
-        if not self._wake.is_set():
-            self._wake.set()
         return line
+
+    def _wake_writer(self) -> None:
+        self._wake_scheduled = False
+        self._wake.set()
+
+    def _write_pass(self) -> None:
+        """The end of a pass of the event loop: the lines it queued for the pipe, written
+        now, whole lines in non-blocking writes of at most PIPE_BUF bytes (atomic) as far as
+        the pipe takes them; the rest (a full pipe) to the writer thread, in order."""
+        lines, self._for_this_pass = self._for_this_pass, []
+        done: list[_Line] = []
+        with self._lock:
+            for line in lines:
+                if line.state == _QUEUED:
+                    line.state = _WRITING
+                    done.append(line)
+        written = self._sink.write_lines_now([line.text for line in done])
+        with self._lock:
+            for line in done[:written]:
+                line.state = _DONE
+            for line in done[written:]:
+                line.state = _QUEUED
+        for line in done[written:]:
+            self._queue.append(line)
+        if written < len(done):
+            self._wake_writer()
+        self._resolve(done[:written])
 
     def _end_expired_waits(self) -> None:
         """The watchdog: the callers whose wait ran out stop waiting (`_WaitExpired`)."""
@@ -885,6 +1040,9 @@ class AuditLog:
         if self._closed:
             return
         self._closed = True
+        # Lines waiting for the end of this pass go first, by the thread, before it closes.
+        self._queue.extend(self._for_this_pass)
+        self._for_this_pass = []
         if self._checker is not None:
             self._checker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

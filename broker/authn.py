@@ -1,7 +1,9 @@
 """Caller authentication: who is calling, proven by mTLS, an API key, a JWT or the unix socket.
 
-`Authenticator.authenticate(context)` returns an `Identity` or raises `BrokerError`
-UNAUTHENTICATED. Nothing is enabled by default, and with nothing enabled every call is refused.
+`Authenticator.authenticate(credentials)` returns an `Identity` or raises `BrokerError`
+UNAUTHENTICATED. It reads only the caller's `Credentials` (broker.credentials: the authorization
+header, the verified client certificate, the peer), which each transport extracts at its edge.
+Nothing is enabled by default, and with nothing enabled every call is refused.
 
 Precedence, when several methods could apply to one call:
 
@@ -32,6 +34,12 @@ A credential is attacker input of any shape: it is bounded before it is parsed (
 MAX_BEARER_CHARS; JWT segments through broker.bounded_json), and an exception of any type
 while checking one is a refusal like the others (CREDENTIALS_INVALID, a warning naming the
 exception type), never an INTERNAL error.
+
+Every call is authenticated, and cheaply: an API key is one SHA-256 and a constant-time
+comparison per configured key, an mtls identity is cached by certificate, and a JWT that
+verified is remembered by its SHA-256 (broker.authn_jwt: never the token itself) until it
+expires or its issuer's keys change. The same caller gets the same `Identity` object, whose
+`memo_key` keys the request path's decision memo (broker.decision_memo).
 """
 
 from __future__ import annotations
@@ -45,7 +53,6 @@ from typing import Any, Final
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from grpc import aio
 
 from broker.authn_apikeys import (
     ApiKeyStore,
@@ -56,6 +63,7 @@ from broker.authn_apikeys import (
 )
 from broker.authn_jwt import JwtRejected, JwtVerifier, looks_like_jwt
 from broker.config import AuthenticationSettings, ConfigError, ServerSettings
+from broker.credentials import Credentials
 from broker.errors import BrokerError
 from broker.file_reload import ReloadingFiles
 from broker.identity import AuthMethod, CertificateNames, Identity
@@ -74,8 +82,8 @@ MESSAGE_MISSING: Final = "the request carries no credentials"
 MESSAGE_INVALID: Final = "the credentials could not be verified"
 # Far above any real JWT or key; gRPC's default metadata limit is 8 KiB anyway.
 MAX_BEARER_CHARS: Final = 16 * 1024
-
-Context = aio.ServicerContext[Any, Any]
+# API-key identities kept (one object per name, so the decision memo keys stay the same).
+MAX_API_KEY_IDENTITIES: Final = 4096
 
 
 @dataclasses.dataclass
@@ -123,7 +131,12 @@ class Authenticator:
     ) -> None:
         self.settings = settings
         self._mtls = settings.mtls.enabled
-        self._unix_identity = settings.unix_socket.identity
+        self._unix_identity = (
+            Identity(method="unixSocket", name=settings.unix_socket.identity)
+            if settings.unix_socket.identity is not None
+            else None
+        )
+        self._api_key_identities: dict[str, Identity] = {}
         self._api_keys: FixedApiKeys | ReloadingFiles[ApiKeyStore] | None = None
         self._jwt = (
             JwtVerifier(
@@ -212,20 +225,20 @@ class Authenticator:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def authenticate(self, context: Context) -> Identity:
+    async def authenticate(self, credentials: Credentials) -> Identity:
         """The caller's identity, or BrokerError UNAUTHENTICATED."""
         if not self._started:
             raise RuntimeError("Authenticator.start() was not awaited")
         try:
-            identity = await self._identify(context)
+            identity = await self._identify(credentials)
         except _Refused as refused:
-            raise self._refusal(context, refused) from None
+            raise self._refusal(credentials, refused) from None
         except Exception as exc:
             # A credential nobody foresaw (the root causes are bounded where they are parsed):
             # still a refusal. Only the exception's type: its text could quote the credential.
-            method = "bearer" if _has_authorization(context) else "none"
+            method = "bearer" if credentials.authorization else "none"
             detail = f"the credential could not be checked ({type(exc).__name__})"
-            raise self._refusal(context, _Refused(method, detail)) from None
+            raise self._refusal(credentials, _Refused(method, detail)) from None
         if identity is None:
             logger.warning(
                 "authentication failed: no credentials",
@@ -234,17 +247,18 @@ class Authenticator:
                     "auth_failure": "no credentials"
                     if self.methods
                     else "no authentication method is configured",
-                    "peer": _peer(context),
+                    "peer": credentials.peer,
                 },
             )
             raise AuthenticationFailed.of(
                 Reason.CREDENTIALS_MISSING, MESSAGE_MISSING, method="none"
             )
-        logger.debug("authenticated %s", identity, extra={"auth_method": identity.method})
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("authenticated %s", identity, extra={"auth_method": identity.method})
         return identity
 
     @staticmethod
-    def _refusal(context: Context, refused: _Refused) -> AuthenticationFailed:
+    def _refusal(credentials: Credentials, refused: _Refused) -> AuthenticationFailed:
         """Log why (warning, never the credential); the caller's generic CREDENTIALS_INVALID."""
         logger.warning(
             "authentication failed: %s",
@@ -252,7 +266,7 @@ class Authenticator:
             extra={
                 "auth_method": refused.method,
                 "auth_failure": refused.detail,
-                "peer": _peer(context),
+                "peer": credentials.peer,
                 **refused.fields,
             },
         )
@@ -260,19 +274,24 @@ class Authenticator:
             Reason.CREDENTIALS_INVALID, MESSAGE_INVALID, method=refused.method
         )
 
-    async def _identify(self, context: Context) -> Identity | None:
-        bearer = _bearer(context)
+    async def _identify(self, credentials: Credentials) -> Identity | None:
+        bearer = _bearer(credentials)
         if bearer is not None:
             return await self._verify_bearer(bearer)
         if self._mtls:
-            identity = _mtls_identity(context)
+            identity = _mtls_identity(credentials)
             if identity is not None:
                 return identity
-        if self._unix_identity is not None and _peer(context).startswith("unix:"):
-            return Identity(method="unixSocket", name=self._unix_identity)
+        if self._unix_identity is not None and credentials.peer.startswith("unix:"):
+            return self._unix_identity
         return None
 
     async def _verify_bearer(self, bearer: _Bearer) -> Identity:
+        if self._jwt is not None:
+            # A JWT that verified before (by its digest), its keys and validity unchanged.
+            remembered = self._jwt.remembered(bearer.value)
+            if remembered is not None:
+                return remembered
         if looks_like_jwt(bearer.value):
             if self._jwt is None:
                 raise _Refused("jwt", "JWT presented but no JWT issuer is configured")
@@ -285,30 +304,21 @@ class Authenticator:
         name = self._api_keys.current.lookup(bearer.value)
         if name is None:
             raise _Refused("apiKey", "unknown API key")
-        return Identity(method="apiKey", name=name)
+        identity = self._api_key_identities.get(name)
+        if identity is None:
+            if len(self._api_key_identities) >= MAX_API_KEY_IDENTITIES:
+                self._api_key_identities.clear()
+            identity = self._api_key_identities[name] = Identity(method="apiKey", name=name)
+        return identity
 
 
-def _peer(context: Context) -> str:
-    try:
-        return context.peer() or ""
-    except Exception:  # a context without a transport (never in a real server)
-        return ""
+def authorization_values(metadata: Iterable[tuple[str, str | bytes]]) -> tuple[str | bytes, ...]:
+    """The `authorization` values of gRPC-style metadata (key, value) pairs."""
+    return tuple(value for key, value in metadata if key.lower() == "authorization")
 
 
-def _authorization(context: Context) -> list[str | bytes]:
-    metadata: Iterable[tuple[str, str | bytes]] = context.invocation_metadata() or ()
-    return [value for key, value in metadata if key.lower() == "authorization"]
-
-
-def _has_authorization(context: Context) -> bool:
-    try:
-        return bool(_authorization(context))
-    except Exception:
-        return False
-
-
-def _bearer(context: Context) -> _Bearer | None:
-    values = _authorization(context)
+def _bearer(credentials: Credentials) -> _Bearer | None:
+    values = credentials.authorization
     if not values:
         return None
     if len(values) > 1:
@@ -326,15 +336,12 @@ def _bearer(context: Context) -> _Bearer | None:
     return _Bearer(credential)
 
 
-def _mtls_identity(context: Context) -> Identity | None:
-    auth: Mapping[str, Iterable[bytes]] = context.auth_context()
-    if list(auth.get("transport_security_type", ())) != [b"ssl"]:
-        return None
-    pems = list(auth.get("x509_pem_cert", ()))
-    if not pems:
+def _mtls_identity(credentials: Credentials) -> Identity | None:
+    pem = credentials.client_certificate()
+    if pem is None:
         return None
     try:
-        identity = certificate_identity(pems[0])
+        identity = certificate_identity(pem)
     except ValueError:
         raise _Refused("mtls", "client certificate could not be parsed") from None
     if identity is None:

@@ -22,6 +22,13 @@ Keys come from a JWKS file (read at start) or a JWKS URL (fetched at start, cach
 - a `kid` not in the cache triggers a refetch on the request path, at most once per
   `jwksMinRefreshSeconds` per issuer (concurrent misses share one fetch);
 - a failed fetch keeps the last good keys.
+
+A token that verified is remembered (`JwtVerifier.remembered`), by its SHA-256 (never the
+token), with its identity and the time window in which PyJWT would accept it again
+(`exp`, `nbf` and `iat` with the leeway, read as PyJWT reads them), as long as its issuer's
+key set is the very one that verified it: a JWKS file reloaded or a JWKS URL refetched
+(rotation) forgets it, and so does its expiry. At most MAX_REMEMBERED_TOKENS are kept.
+Everything else a verification checks depends on the token and the settings alone.
 """
 
 from __future__ import annotations
@@ -29,12 +36,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import logging
 import math
 import re
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -58,6 +67,8 @@ _REGISTERED = ("exp", "iat", "iss", "aud")
 # RFC 7519 NumericDate claims, and the latest one accepted: 9999-12-31T23:59:59Z.
 NUMERIC_DATE_CLAIMS = ("exp", "nbf", "iat")
 MAX_NUMERIC_DATE = 253_402_300_799
+# Verified tokens remembered (by digest); beyond, the table is emptied.
+MAX_REMEMBERED_TOKENS = 4096
 
 
 class JwtRejected(Exception):
@@ -252,9 +263,19 @@ class JwksUrlCache:
     async def key_for(self, kid: str | None, alg: str) -> jwt.PyJWK | None:
         if self._keys is None or not self._keys.has_kid(kid):
             await self.refresh()  # rate limited; concurrent misses share one fetch
-        elif self._fetched_at is None or self._clock() - self._fetched_at >= self._ttl:
-            self._refresh_in_background()
+        else:
+            self.refresh_if_stale()
         return self._keys.key_for(kid, alg) if self._keys is not None else None
+
+    @property
+    def current(self) -> KeySet | None:
+        """The key set in force (a new object after every successful fetch)."""
+        return self._keys
+
+    def refresh_if_stale(self) -> None:
+        """Stale-while-revalidate: after `jwksCacheSeconds`, refetch in the background."""
+        if self._fetched_at is None or self._clock() - self._fetched_at >= self._ttl:
+            self._refresh_in_background()
 
     def _may_fetch(self) -> bool:
         return self._attempted_at is None or (
@@ -334,6 +355,38 @@ class _FileKeys:
     async def key_for(self, kid: str | None, alg: str) -> jwt.PyJWK | None:
         return self.files.current.key_for(kid, alg)
 
+    @property
+    def current(self) -> KeySet | None:
+        return self.files.current
+
+    def refresh_if_stale(self) -> None:
+        """Files are followed by their own task (broker.file_reload)."""
+
+
+@dataclass(frozen=True, eq=False)
+class _Verified:
+    """A token that verified: its identity, while `keys` stay in force, and the seconds
+    since the epoch in which PyJWT accepts its `nbf`/`iat` and `exp`. Holds no token."""
+
+    identity: Identity
+    issuer: IssuerVerifier
+    keys: KeySet
+    not_before: float
+    not_after: float
+
+    def valid(self, now: float) -> bool:
+        return self.issuer.keys.current is self.keys and self.not_before <= now < self.not_after
+
+
+def _acceptance_window(claims: Mapping[str, Any], leeway: float) -> tuple[float, float]:
+    """When PyJWT accepts these (verified) claims: `exp` (required here) read as
+    `int(exp) > now - leeway`, and `nbf`/`iat` as `int(x) <= now + leeway`."""
+    not_before = -math.inf
+    for name in ("nbf", "iat"):
+        if name in claims:
+            not_before = max(not_before, int(claims[name]) - leeway)
+    return not_before, int(claims["exp"]) + leeway
+
 
 class IssuerVerifier:
     """Verifies tokens of one configured issuer."""
@@ -345,7 +398,7 @@ class IssuerVerifier:
 
     async def verify(
         self, token: str, header: Mapping[str, Any], unverified: Mapping[str, Any]
-    ) -> Identity:
+    ) -> _Verified:
         """`header` and `unverified` (the payload): the token's, as parsed (bounded)."""
         s = self.settings
         alg = header.get("alg")
@@ -355,7 +408,9 @@ class IssuerVerifier:
         if kid is not None and not isinstance(kid, str):
             raise JwtRejected("kid is not a string", issuer=s.issuer)
         key = await self.keys.key_for(kid, alg)
-        if key is None:
+        # The set the key came from (no await since): what the verification stands on.
+        keys = self.keys.current
+        if key is None or keys is None:
             raise JwtRejected(
                 "no key for the token's kid and alg", issuer=s.issuer, kid=_short(kid), alg=alg
             )
@@ -390,7 +445,9 @@ class IssuerVerifier:
             raise JwtRejected(
                 f"identity claim {s.identity_claim!r} is not a non-empty string", issuer=s.issuer
             )
-        return Identity(method="jwt", name=name, issuer=s.issuer, claims=_freeze(claims))
+        identity = Identity(method="jwt", name=name, issuer=s.issuer, claims=_freeze(claims))
+        not_before, not_after = _acceptance_window(claims, s.clock_skew_seconds)
+        return _Verified(identity, self, keys, not_before, not_after)
 
 
 def _describe(exc: jwt.PyJWTError) -> str:
@@ -430,6 +487,8 @@ class JwtVerifier:
         self._caches: list[JwksUrlCache] = []
         self._files: list[ReloadingFiles[KeySet]] = []
         self._session: aiohttp.ClientSession | None = None
+        # SHA-256 of a token -> what its verification found.
+        self._verified: dict[bytes, _Verified] = {}
 
     def __repr__(self) -> str:
         return f"JwtVerifier(issuers={[i.issuer for i in self._settings.issuers]!r})"
@@ -477,7 +536,29 @@ class JwtVerifier:
             await self._session.close()
             self._session = None
 
+    def remembered(self, token: str) -> Identity | None:
+        """The identity of a token that verified before, if PyJWT would accept it now
+        with the keys in force (else None: verify it)."""
+        if not self._verified:
+            return None
+        digest = hashlib.sha256(token.encode()).digest()
+        verified = self._verified.get(digest)
+        if verified is None:
+            return None
+        if not verified.valid(time.time()):
+            del self._verified[digest]
+            return None
+        verified.issuer.keys.refresh_if_stale()  # as a verification would
+        return verified.identity
+
     async def verify(self, token: str) -> Identity:
+        verified = await self._verify(token)
+        if len(self._verified) >= MAX_REMEMBERED_TOKENS:
+            self._verified.clear()
+        self._verified[hashlib.sha256(token.encode()).digest()] = verified
+        return verified.identity
+
+    async def _verify(self, token: str) -> _Verified:
         split = _split(token)
         if split is None:
             raise JwtRejected("malformed token")

@@ -137,8 +137,8 @@ class AuthFailureThrottle:
 
     def admit(self, peer: str) -> PeerRefusal | None:
         """Before authentication: None if the peer may try, else its refusal."""
-        if self._limit is None:
-            return None
+        if self._limit is None or not len(self._buckets):
+            return None  # no address has failed lately: every bucket is full
         address = peer_address(peer)
         wait = self._buckets.wait(address, self._limit)
         if wait <= _EPSILON:

@@ -72,7 +72,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -80,7 +80,7 @@ from broker.config import CacheSettings
 from broker.errors import BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.identity import AuthMethod, Identity
-from broker.issued_token import read_token
+from broker.issued_token import TokenFacts, read_token
 from broker.lifetime import REFRESH_FRACTION, default_jitter, lifetime_seconds, refresh_due_at
 from broker.policy import Decision
 from broker.reasons import Reason
@@ -98,6 +98,8 @@ SWEEP_INTERVAL_SECONDS = 60.0
 DEFAULT_FETCH_TIMEOUT_SECONDS = 30.0
 # The hard cap on a shared call is its timeout plus this (the upstream's own timeout first).
 FETCH_GRACE_SECONDS = 1.0
+# Serialized answers kept per token (one per distinct set of policy warnings).
+MAX_RESPONSES_PER_ENTRY = 8
 
 
 # The API server could not answer: a still-valid cached token may stand in.
@@ -187,6 +189,23 @@ class CacheEntry:
     failed_at: float | None = None
     # The token's `kubernetes.io.serviceaccount.uid` (None if it has none).
     service_account_uid: str | None = None
+    # What the broker reads from the token (jti, lifetime, ...; broker.issued_token).
+    facts: TokenFacts = field(default_factory=TokenFacts)
+    # The answer to a call, serialized once, by the decision's warnings (bounded).
+    _responses: dict[tuple[str, ...], bytes] = field(default_factory=dict)
+
+    def response(self, warnings: tuple[str, ...]) -> bytes:
+        """The serialized CreateTokenResponse of this token with the decision's `warnings`
+        (then the API server's): made once, then handed out as bytes."""
+        response = self._responses.get(warnings)
+        if response is None:
+            if len(self._responses) >= MAX_RESPONSES_PER_ENTRY:
+                self._responses.clear()
+            response = self._responses[warnings] = pb.CreateTokenResponse(
+                token_request=self.result.token_request,
+                warnings=[*warnings, *self.result.warnings],
+            ).SerializeToString()
+        return response
 
     @property
     def expires_at(self) -> float:
@@ -316,6 +335,10 @@ class TokenCache:
         """Upstream calls running now (shared and background)."""
         return len(self._flights)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def cacheable(self, decision: Decision, request: pb.CreateTokenRequest) -> bool:
         """Whether this allowed request may be answered through the cache."""
         return (
@@ -341,6 +364,23 @@ class TokenCache:
         return True
 
     # --- the request path -----------------------------------------------------------------
+
+    def fresh(self, key: CacheKey) -> CacheEntry | None:
+        """The entry of `key` when `get_or_fetch` would answer it from the cache at once
+        (a fresh token: no refresh due), counted as that hit; else None (then call
+        `get_or_fetch`). The entry's token is the cache's own: read it, never change it."""
+        if not self._settings.enabled or self._closed:
+            return None
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        now = self._clock()
+        if now >= entry.refresh_at or not entry.valid(now):
+            return None
+        entry.last_access = now
+        self._entries.move_to_end(key)
+        self.stats.hits += 1
+        return entry
 
     async def get_or_fetch(
         self,
@@ -531,6 +571,7 @@ class TokenCache:
             refresh_due_at(now, now + lifetime, self._jitter()),
             now + self._settings.max_age_seconds,
         )
+        facts = read_token(result.token_request.status.token)
         entry = CacheEntry(
             key=key,
             result=_copy(result),
@@ -540,7 +581,8 @@ class TokenCache:
             last_access=old.last_access if old is not None else now,
             fetch=fetch,
             seq=next(self._seq),
-            service_account_uid=read_token(result.token_request.status.token).service_account_uid,
+            service_account_uid=facts.service_account_uid,
+            facts=facts,
         )
         # A background refresh keeps the key's LRU place; a request makes it the most recent.
         self._entries[key] = entry

@@ -1,18 +1,22 @@
 """Conversion between the broker's protobuf messages and the Kubernetes TokenRequest.
 
 The proto mirrors authentication.k8s.io/v1 so that proto3 JSON (camelCase names) of spec and
-status equals the Kubernetes JSON: the response is parsed straight from the API server's bytes
-with json_format, rather than through the client library's models.
+status equals the Kubernetes JSON: the request body is written as plain JSON values, and the
+response is read straight from the API server's bytes into the proto (field by field for the
+answers the API server gives, else with json_format), never through the client library's
+models.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any
 
 from google.protobuf import json_format
-from kubernetes.aio import client as kclient
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
 
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 
@@ -24,38 +28,40 @@ class ConversionError(ValueError):
     """The API server's answer is not a TokenRequest. The message never includes the body."""
 
 
-def to_kubernetes_body(
-    token_request: pb.TokenRequest,
-) -> Any:  # kclient.AuthenticationV1TokenRequest (the library is untyped)
-    """The request body. Only spec and metadata.name/namespace are sent; status never."""
+def token_request_body(token_request: pb.TokenRequest) -> dict[str, Any]:
+    """The request body, as JSON values: what the client library's models of it serialize
+    to (None values left out). Only spec and metadata.name/namespace are sent; status never."""
     spec = token_request.spec
-    bound = None
+    metadata: dict[str, Any] = {}
+    # The caller's metadata.name/namespace, if any (validated equal to the path's).
+    if token_request.metadata.name:
+        metadata["name"] = token_request.metadata.name
+    if token_request.metadata.namespace:
+        metadata["namespace"] = token_request.metadata.namespace
+    # [] (not left out) asks for the API server's own audiences.
+    body_spec: dict[str, Any] = {"audiences": list(spec.audiences)}
     if spec.HasField("bound_object_ref"):
         ref = spec.bound_object_ref
-        bound = kclient.V1BoundObjectReference(
-            kind=ref.kind or None,
-            api_version=ref.api_version or None,
-            name=ref.name or None,
-            uid=ref.uid or None,
-        )
-    return kclient.AuthenticationV1TokenRequest(
-        api_version=TOKEN_REQUEST_API_VERSION,
-        kind=TOKEN_REQUEST_KIND,
-        # The caller's metadata.name/namespace, if any (validated equal to the path's).
-        metadata=kclient.V1ObjectMeta(
-            name=token_request.metadata.name or None,
-            namespace=token_request.metadata.namespace or None,
-        ),
-        spec=kclient.V1TokenRequestSpec(
-            # [] (not None) asks for the API server's own audiences.
-            audiences=list(spec.audiences),
-            # None is left out of the JSON: the server default (3600 s) applies.
-            expiration_seconds=(
-                spec.expiration_seconds if spec.HasField("expiration_seconds") else None
-            ),
-            bound_object_ref=bound,
-        ),
-    )
+        bound = {
+            key: value
+            for key, value in (
+                ("apiVersion", ref.api_version),
+                ("kind", ref.kind),
+                ("name", ref.name),
+                ("uid", ref.uid),
+            )
+            if value
+        }
+        body_spec["boundObjectRef"] = bound
+    # Left out: the server default (3600 s) applies.
+    if spec.HasField("expiration_seconds"):
+        body_spec["expirationSeconds"] = spec.expiration_seconds
+    return {
+        "apiVersion": TOKEN_REQUEST_API_VERSION,
+        "kind": TOKEN_REQUEST_KIND,
+        "metadata": metadata,
+        "spec": body_spec,
+    }
 
 
 def token_request_from_json(raw: bytes) -> pb.TokenRequest:
@@ -66,17 +72,84 @@ def token_request_from_json(raw: bytes) -> pb.TokenRequest:
         raise ConversionError("the response body is not JSON") from None
     if not isinstance(data, dict) or data.get("kind", TOKEN_REQUEST_KIND) != TOKEN_REQUEST_KIND:
         raise ConversionError("the response is not a TokenRequest")
-    out = pb.TokenRequest()
     # kind/apiVersion are implied by the message type.
     body = {k: v for k, v in data.items() if k not in ("kind", "apiVersion")}
-    try:
-        json_format.ParseDict(body, out, ignore_unknown_fields=True)
-    except (json_format.ParseError, ValueError, TypeError):
-        # ParseError texts quote the offending value, which may be the token.
-        raise ConversionError("the response TokenRequest does not parse") from None
+    out = _read_token_request(body)
+    if out is None:
+        out = pb.TokenRequest()
+        try:
+            json_format.ParseDict(body, out, ignore_unknown_fields=True)
+        except (json_format.ParseError, ValueError, TypeError):
+            # ParseError texts quote the offending value, which may be the token.
+            raise ConversionError("the response TokenRequest does not parse") from None
     if not out.status.token:
         raise ConversionError("the response TokenRequest has no status.token")
     return out
+
+
+_TIMESTAMP = "google.protobuf.Timestamp"
+_INT64_RANGE = range(-(1 << 63), 1 << 63)
+
+
+@functools.cache
+def _json_fields(descriptor: Descriptor) -> dict[str, FieldDescriptor]:
+    return {field.json_name: field for field in descriptor.fields}
+
+
+def _read_token_request(body: dict[str, Any]) -> pb.TokenRequest | None:
+    """`json_format.ParseDict(body, pb.TokenRequest(), ignore_unknown_fields=True)` for the
+    answers the API server gives (JSON names, plain strings, ints, lists of strings, objects
+    and RFC 3339 timestamps where the message has them), read field by field: the same
+    message, without json_format's generic machinery. None for anything else (a proto field
+    name as key, a value json_format would convert or refuse): then ParseDict reads it."""
+    out = pb.TokenRequest()
+    try:
+        return out if _read_message(out, body) else None
+    except (ValueError, TypeError):
+        return None  # json_format words the refusal
+
+
+def _read_message(message: Message, values: dict[str, Any]) -> bool:
+    descriptor = message.DESCRIPTOR
+    fields = _json_fields(descriptor)
+    for key, value in values.items():
+        field = fields.get(key)
+        if field is None:
+            if key in descriptor.fields_by_name:
+                return False  # a proto field name: json_format's to read
+            continue  # an unknown field
+        if value is None:
+            continue  # null: not set
+        name = field.name
+        if field.is_repeated:
+            if field.type != FieldDescriptor.TYPE_STRING or type(value) is not list:
+                return False
+            if any(type(item) is not str for item in value):
+                return False
+            getattr(message, name).extend(value)
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.message_type is not None and field.message_type.full_name == _TIMESTAMP:
+                if type(value) is not str:
+                    return False
+                getattr(message, name).FromJsonString(value)
+            else:
+                if type(value) is not dict:
+                    return False
+                child = getattr(message, name)
+                child.SetInParent()
+                if not _read_message(child, value):
+                    return False
+        elif field.type == FieldDescriptor.TYPE_STRING:
+            if type(value) is not str:
+                return False
+            setattr(message, name, value)
+        elif field.type == FieldDescriptor.TYPE_INT64:
+            if type(value) is not int or value not in _INT64_RANGE:
+                return False
+            setattr(message, name, value)
+        else:
+            return False
+    return True
 
 
 def to_kubernetes_json(message: pb.TokenRequest | pb.TokenRequestSpec) -> dict[str, Any]:

@@ -124,6 +124,28 @@ class Identity:
         field, name = primary
         return cls(method="mtls", name=name, certificate_field=field, certificate=names)
 
+    @functools.cached_property
+    def memo_key(self) -> str:
+        """Everything this identity is, as one string: equal strings, equal identities (every
+        field, the claims with their JSON types). Keys the decision memo
+        (broker.decision_memo); computed once per object."""
+        certificate = self.certificate
+        names = (
+            None
+            if certificate is None
+            else (certificate.uris, certificate.dns_names, certificate.common_name)
+        )
+        return repr(
+            (
+                self.method,
+                self.name,
+                self.issuer,
+                self.certificate_field,
+                names,
+                _canonical(self.claims),
+            )
+        )
+
     def __str__(self) -> str:
         if self.certificate_field is not None:
             return f"{self.method}:{self.certificate_field}:{self.name}"
@@ -132,3 +154,12 @@ class Identity:
             if self.issuer is None
             else (f"{self.method}:{self.issuer}#{self.name}")
         )
+
+
+def _canonical(value: Any) -> Any:
+    """A JSON value as nested tuples, each leaf with its type (1, 1.0 and true differ)."""
+    if isinstance(value, Mapping):
+        return ("object", tuple(sorted((str(k), _canonical(v)) for k, v in value.items())))
+    if isinstance(value, list | tuple):
+        return ("array", tuple(_canonical(v) for v in value))
+    return (type(value).__name__, value)

@@ -4,8 +4,8 @@ The code never logs a token on purpose; `RedactFilter` masks anything that still
 one (a JWT, a `Bearer` value, a quoted `"token": "..."` field) in the message, its arguments,
 extra fields and exception text, on every handler this module installs.
 
-Every record logged while a gRPC call is handled carries that call's `request_id`: the
-interceptor (broker.observe) binds it with `bind_request_id`, a context variable, and
+Every record logged while a gRPC call is handled carries that call's `request_id`: the call's
+observer (broker.service, broker.observe) binds it with `bind_request_id`, a context variable, and
 `RequestIdFilter` adds it to each record (unless the record names one itself).
 
 A record is one line, whatever its values hold (an unverified JWT's `iss` with a newline must
@@ -13,24 +13,37 @@ not forge a `broker.access ... OK` line): the text format escapes every non-prin
 character of the message and the field values (`\n`, `\x1b`, `\u2028`), quotes values with
 spaces, and prefixes each line of a traceback with CONTINUATION; JSON escapes control
 characters, and U+0085, U+2028 and U+2029 (line breaks to some readers) too.
+
+The access line of every call (broker.observe) may skip the logging machinery (a LogRecord,
+the logger hierarchy, the handler's filters and formatter: some 20 µs a line) when that
+machinery provably could not change it: `direct_json_handler` finds the handler
+`setup_logging` installed, in JSON format, as the only handler the record would reach, with
+only its own filters, and nothing else configured in between (no logger filters, no other
+handler, no custom record factory, the level enabled). The line is then rendered by the same
+function JsonFormatter uses (`json_line`), redacted by the same function RedactFilter uses
+(`redact_fields`), and written to the handler's stream under the handler's lock, as the handler
+would. Otherwise (pytest's caplog, a text format, a handler someone added) it goes through
+logging like any record.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
-import contextlib
 import contextvars
 import io
 import json
 import logging
+import math
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from broker.config import LogSettings
+from broker.pipes import close_quietly, nonblocking_pipe, write_lines
 
 REDACTED = "<redacted>"
 # Starts every line of a text record after its first (a traceback): never a timestamp.
@@ -69,14 +82,25 @@ def current_request_id() -> str | None:
     return _request_id.get()
 
 
-@contextlib.contextmanager
-def bind_request_id(request_id: str) -> Iterator[None]:
-    """Bind `request_id` for the records logged in this context (the call's task)."""
-    token = _request_id.set(request_id)
-    try:
-        yield
-    finally:
-        _request_id.reset(token)
+class _BoundRequestId:
+    """The context manager of `bind_request_id` (a class: cheaper than a generator's)."""
+
+    __slots__ = ("_request_id", "_token")
+
+    def __init__(self, request_id: str) -> None:
+        self._request_id = request_id
+
+    def __enter__(self) -> None:
+        self._token = _request_id.set(self._request_id)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _request_id.reset(self._token)
+
+
+def bind_request_id(request_id: str) -> _BoundRequestId:
+    """Bind `request_id` for the records logged in this context (the call's task), in a
+    `with` block."""
+    return _BoundRequestId(request_id)
 
 
 class RequestIdFilter(logging.Filter):
@@ -117,6 +141,16 @@ def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD_ATTRS}
 
 
+def redact_fields(fields: dict[str, Any]) -> None:
+    """Redact the string values of `fields` in place (RedactFilter's work on extra fields)."""
+    strings = [(k, v) for k, v in fields.items() if isinstance(v, str)]
+    # One check over all of them (an access line has ten), then each only if needed: a
+    # pattern matching one string matches inside the joined text too.
+    if strings and _may_hold_secret("\n".join(v for _, v in strings)):
+        for key, value in strings:
+            fields[key] = redact(value)
+
+
 class RedactFilter(logging.Filter):
     """Masks token-like strings in a record before any formatter sees it."""
 
@@ -128,12 +162,11 @@ class RedactFilter(logging.Filter):
         # Formatted once here, so a redacted argument cannot be re-expanded later.
         record.msg = redact(message)
         record.args = None
-        strings = {k: v for k, v in extra_fields(record).items() if isinstance(v, str)}
-        # One check over all of them (an access line has ten), then each only if needed: a
-        # pattern matching one string matches inside the joined text too.
-        if strings and _may_hold_secret("\n".join(strings.values())):
-            for key, value in strings.items():
-                setattr(record, key, redact(value))
+        fields = extra_fields(record)
+        redact_fields(fields)
+        for key, value in fields.items():
+            if isinstance(value, str) and value is not getattr(record, key):
+                setattr(record, key, value)
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
@@ -176,24 +209,104 @@ def _text_value(value: object) -> str:
 _JSON_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
+# The last second iso_millis_at formatted, and its text.
+_second: tuple[int, str] = (-1, "")
+
+
+def iso_millis_at(timestamp: float) -> str:
+    """`datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")`, the
+    seconds' text made once per second."""
+    global _second
+    fraction, whole = math.modf(timestamp)
+    seconds = int(whole)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        seconds += 1
+        micros -= 1_000_000
+    elif micros < 0:
+        seconds -= 1
+        micros += 1_000_000
+    cached_second, text = _second
+    if cached_second != seconds:
+        text = datetime.fromtimestamp(seconds, UTC).isoformat()[:19]
+        _second = (seconds, text)
+    return f"{text}.{micros // 1000:03d}+00:00"
+
+
+def json_line(
+    created: float,
+    levelname: str,
+    name: str,
+    message: str,
+    fields: dict[str, Any],
+    exception: str | None = None,
+) -> str:
+    """A record as one JSON line: time, level, logger, message, then the extra fields."""
+    entry: dict[str, Any] = {
+        "time": iso_millis_at(created),
+        "level": levelname.lower(),
+        "logger": name,
+        "message": message,
+    }
+    for key, value in fields.items():
+        entry.setdefault(key, value)
+    if exception:
+        entry["exception"] = exception
+    # Outside strings JSON has none of these characters: escaping them keeps it JSON.
+    return json.dumps(entry, default=str, ensure_ascii=False).translate(_JSON_LINE_BREAKS)
+
+
+# What json.dumps(ensure_ascii=False) makes of a str.
+_json_str: Callable[[str], str] = json.encoder.encode_basestring
+
+
+def json_text(value: str) -> str:
+    """`value` as `json_line` writes a string (quoted, escaped)."""
+    return _json_str(value).translate(_JSON_LINE_BREAKS)
+
+
+def json_line_parts(
+    levelname: str, name: str, fields: dict[str, Any], open_fields: Sequence[str]
+) -> tuple[str, ...] | None:
+    """`json_line(created, levelname, name, message, fields)` cut where the time, the message
+    and the values of `open_fields` (in the order of `fields`) go: joining the parts with
+    those values, as `json_line` writes them (strings through `json_text`), gives the line.
+    None when another value holds one of the marks used to find them."""
+    marks = {key: f"\x00{key}\x00" for key in ("time", "message", *open_fields)}
+    entry: dict[str, Any] = {
+        "time": marks["time"],
+        "level": levelname.lower(),
+        "logger": name,
+        "message": marks["message"],
+    }
+    for key, value in fields.items():
+        entry.setdefault(key, marks.get(key, value))
+    text = json.dumps(entry, default=str, ensure_ascii=False).translate(_JSON_LINE_BREAKS)
+    parts: list[str] = []
+    for mark in marks.values():
+        encoded = json_text(mark)
+        if text.count(encoded) != 1:
+            return None
+        head, _, text = text.partition(encoded)
+        parts.append(head)
+    parts.append(text)
+    return tuple(parts)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, then the extra fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for key, value in extra_fields(record).items():
-            entry.setdefault(key, value)
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
-        if record.exc_text:
-            entry["exception"] = record.exc_text
-        # Outside strings JSON has none of these characters: escaping them keeps it JSON.
-        return json.dumps(entry, default=str, ensure_ascii=False).translate(_JSON_LINE_BREAKS)
+        return json_line(
+            record.created,
+            record.levelname,
+            record.name,
+            record.getMessage(),
+            extra_fields(record),
+            record.exc_text,
+        )
 
 
 class TextFormatter(logging.Formatter):
@@ -242,7 +355,9 @@ def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> loggin
             )
             return formatter.format(record) + "\n"
 
-        writer = BackgroundLineWriter(sys.stderr, dropped_notice=dropped_notice)
+        writer = BackgroundLineWriter(
+            sys.stderr, dropped_notice=dropped_notice, direct=_stderr_pipe()
+        )
         _writers.append(writer)
         handler: logging.Handler = logging.StreamHandler(writer)
     else:
@@ -250,6 +365,8 @@ def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> loggin
     handler.addFilter(RequestIdFilter())
     handler.addFilter(RedactFilter())
     handler.setFormatter(formatter)
+    global _installed
+    _installed = (handler, tuple(handler.filters))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -271,15 +388,83 @@ def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> loggin
 
 
 _DROPPED = "%d log lines dropped: stderr did not take them"
+# The log lines of this long go to stderr together (one write for several calls' lines).
+LOG_WRITE_DELAY_SECONDS = 0.002
+
+
+def _stderr_pipe() -> int | None:
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a stream without one
+        return None
+    return nonblocking_pipe(fd)
+
+
+# The handler setup_logging installed last, with its own filters.
+_installed: tuple[logging.Handler, tuple[Any, ...]] | None = None
+
+
+def direct_json_handler(logger: logging.Logger, level: int) -> logging.StreamHandler[Any] | None:
+    """The handler a record of `logger` at `level` would reach, when logging could do
+    nothing to it but what `json_line` and `redact_fields` do (see the module docstring):
+    setup_logging's own JSON handler, the only one on the way, with only its own filters.
+    None otherwise: log the record through logging."""
+    installed = _installed
+    if installed is None:
+        return None
+    handler, filters = installed
+    if (
+        type(logger) is not logging.Logger
+        or logger.disabled
+        or logger.filters
+        or not logger.isEnabledFor(level)
+        or logging.getLogRecordFactory() is not logging.LogRecord
+    ):
+        return None
+    node: logging.Logger | None = logger
+    while node is not None:
+        if node.parent is None:
+            if node.handlers != [handler]:
+                return None
+        elif node.handlers or not node.propagate:
+            return None
+        node = node.parent
+    if (
+        type(handler) is not logging.StreamHandler
+        or handler.level > level
+        or tuple(handler.filters) != filters
+        or type(handler.formatter) is not JsonFormatter
+    ):
+        return None
+    return handler
+
+
+def write_direct(
+    handler: logging.StreamHandler[Any], logger: logging.Logger, level: int, line: str
+) -> None:
+    """Write `line` as `handler` writes a formatted record: under its lock, then flush."""
+    handler.acquire()
+    try:
+        handler.stream.write(line + handler.terminator)
+        handler.flush()
+    except Exception:
+        handler.handleError(logger.makeRecord(logger.name, level, "", 0, line, (), None))
+    finally:
+        handler.release()
 
 
 class BackgroundLineWriter(io.TextIOBase):
-    """The stream of a log handler: write() queues the line, a writer thread writes them.
+    """The stream of a log handler: write() queues the line; the lines are written in
+    order, never by a blocking write on the event loop.
 
-    StreamHandler calls flush() after every line; that wakes the thread, which writes all
-    the lines queued by then in one call: one system call for many lines, none made by the
-    event loop. At most `max_pending_chars` wait; beyond that lines are dropped (a stderr
-    nobody reads must not grow the broker's memory) and a notice says how many.
+    StreamHandler calls flush() after every line. On an event loop's thread that schedules,
+    LOG_WRITE_DELAY_SECONDS later, the writing of all the lines logged by then: when stderr
+    is a pipe, straight to it (in writes of at most PIPE_BUF bytes, on a non-blocking description
+    of the pipe of our own: broker.pipes), as far as the pipe takes them at once; whatever
+    is left (a full pipe, a file, a long line), and the lines of other threads, a writer
+    thread writes, in one call for all the lines queued by then. At most `max_pending_chars`
+    wait; beyond that lines are dropped (a stderr nobody reads must not grow the broker's
+    memory) and a notice says how many.
     """
 
     def __init__(
@@ -288,17 +473,27 @@ class BackgroundLineWriter(io.TextIOBase):
         *,
         dropped_notice: Callable[[int], str],
         max_pending_chars: int = 8 * 1024 * 1024,
+        direct: int | None = None,
     ) -> None:
+        """`direct`: a non-blocking description of the pipe `stream` writes to
+        (broker.pipes); closed by `stop()`."""
         super().__init__()
         self._stream = stream
+        self._direct = direct
+        self._encoding = getattr(stream, "encoding", None) or "utf-8"
+        self._errors = getattr(stream, "errors", None) or "strict"
         self._dropped_notice = dropped_notice
         self._max_pending_chars = max_pending_chars
         self._lock = threading.Lock()
         self._pending: list[str] = []
+        # The thread is writing lines it took from `_pending`.
+        self._writing = False
         self._pending_chars = 0
         self._dropped = 0
         self._stopping = False
         self._wake = threading.Event()
+        # The event loop whose pass ends with writing the lines (set by flush() on it).
+        self._pass_scheduled: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
@@ -315,8 +510,43 @@ class BackgroundLineWriter(io.TextIOBase):
         return len(text)
 
     def flush(self) -> None:
+        if not (self._pending or self._dropped):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on an event loop's thread
+            if not self._wake.is_set():
+                self._wake.set()
+            return
+        if self._pass_scheduled is not loop:
+            # Once for all the lines of the next LOG_WRITE_DELAY_SECONDS: a write to a pipe
+            # wakes its reader, a wake-up of the thread is a system call and a thread switch.
+            self._pass_scheduled = loop
+            loop.call_later(LOG_WRITE_DELAY_SECONDS, self._write_pass)
+
+    def _write_pass(self) -> None:
+        """The lines logged on the event loop since the last pass: to the pipe, the rest to
+        the thread."""
+        self._pass_scheduled = None
+        with self._lock:
+            if self._direct is not None and not self._writing and not self._dropped:
+                self._write_to_pipe()
+            if not (self._pending or self._dropped):
+                return
         if not self._wake.is_set():
             self._wake.set()
+
+    def _write_to_pipe(self) -> None:
+        """Write the pending lines the pipe takes at once (broker.pipes.write_lines); the
+        rest stay pending. Under the lock."""
+        assert self._direct is not None
+        pending = self._pending
+        done = write_lines(
+            self._direct, [text.encode(self._encoding, self._errors) for text in pending]
+        )
+        if done:
+            self._pending_chars -= sum(len(text) for text in pending[:done])
+            del pending[:done]
 
     def stop(self) -> None:
         """Write what is queued and end the thread (at exit; idempotent)."""
@@ -324,6 +554,9 @@ class BackgroundLineWriter(io.TextIOBase):
             self._stopping = True
         self._wake.set()
         self._thread.join()
+        with self._lock:
+            close_quietly(self._direct)
+            self._direct = None
 
     def _run(self) -> None:
         while True:
@@ -334,6 +567,8 @@ class BackgroundLineWriter(io.TextIOBase):
                 lines, self._pending, self._pending_chars = self._pending, [], 0
                 dropped, self._dropped = self._dropped, 0
                 stopping = self._stopping
+                # No line goes straight to the pipe before these are written.
+                self._writing = bool(lines or dropped)
             if dropped:
                 lines.append(self._dropped_notice(dropped))
             if lines:
@@ -342,6 +577,9 @@ class BackgroundLineWriter(io.TextIOBase):
                     self._stream.flush()
                 except (OSError, ValueError):
                     pass  # stderr is gone: there is nowhere to say so
+                finally:
+                    with self._lock:
+                        self._writing = False
             if stopping:
                 return
 

@@ -5,7 +5,8 @@ brokers can run in one process (tests) without sharing counts; the admin listene
 at /metrics.
 
 - gRPC server metrics, named and labelled as the gRPC ecosystem's Prometheus middleware
-  (go-grpc-prometheus) does, fed by the interceptor in `broker.observe`.
+  (go-grpc-prometheus) does, fed by CreateToken's adapter (`broker.service`) and, for the
+  other services, by `broker.observe`.
 - Domain metrics under `token_broker_`: base units, bounded label values only. Never a token,
   never a free-form caller string: `namespace` only counts issued tokens (a validated name the
   policy allowed), reasons are the fixed ErrorInfo reasons, the upstream `code` is an HTTP
@@ -15,10 +16,18 @@ at /metrics.
   readiness, the Kubernetes API's last answer) are read when scraped, by a custom collector.
 - The process (`process_*`: memory, CPU, open files, start time) and the interpreter
   (`python_info`, `python_gc_*`), from prometheus_client's own collectors.
+
+The series every call counts in (the `grpc_server_*` ones, the calls in flight, the requested
+and granted lifetimes, the policy decisions and issued tokens) are `LoopCounter`s and
+`LoopHistogram`s: plain numbers, changed on the event loop where the calls run and read there
+when /metrics is scraped (the admin listener serves on the same loop), so counting costs an
+addition instead of a lock per increment, and stays exact. They expose exactly what
+prometheus_client's Counter and Histogram would (names, help, labels, `le` buckets).
 """
 
 from __future__ import annotations
 
+import bisect
 import platform
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,8 +46,14 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from broker import __version__
 from broker.config import MetricsSettings
@@ -101,6 +116,15 @@ class AuditState(Protocol):
     def problem(self) -> str | None: ...
 
 
+class MemoState(Protocol):
+    """broker.decision_memo.DecisionMemo, as the metrics read it."""
+
+    @property
+    def stats(self) -> Any: ...
+
+    def __len__(self) -> int: ...
+
+
 class CacheStats(Protocol):
     """Cumulative cache statistics (hits, misses, evictions since start) and its size now."""
 
@@ -139,31 +163,31 @@ class BrokerMetrics:
         grpc_labels = ("grpc_type", "grpc_service", "grpc_method")
 
         # --- gRPC server (go-grpc-prometheus names) ----------------------------------------
-        self.grpc_started = Counter(
+        self.grpc_started = LoopCounter(
             "grpc_server_started",
             "Total number of RPCs started on the server.",
             grpc_labels,
             registry=r,
         )
-        self.grpc_handled = Counter(
+        self.grpc_handled = LoopCounter(
             "grpc_server_handled",
             "Total number of RPCs completed on the server, regardless of success or failure.",
             (*grpc_labels, "grpc_code"),
             registry=r,
         )
-        self.grpc_msg_received = Counter(
+        self.grpc_msg_received = LoopCounter(
             "grpc_server_msg_received",
             "Total number of RPC stream messages received on the server.",
             grpc_labels,
             registry=r,
         )
-        self.grpc_msg_sent = Counter(
+        self.grpc_msg_sent = LoopCounter(
             "grpc_server_msg_sent",
             "Total number of gRPC stream messages sent by the server.",
             grpc_labels,
             registry=r,
         )
-        self.grpc_handling_seconds = Histogram(
+        self.grpc_handling_seconds = LoopHistogram(
             "grpc_server_handling_seconds",
             "Histogram of response latency (seconds) of gRPC that had been application-level "
             "handled by the server.",
@@ -175,25 +199,22 @@ class BrokerMetrics:
         # --- requests and tokens ----------------------------------------------------------
         caller = ("caller",) if self.settings.caller_labels else ()
         self._callers: set[str] = set()
-        self.in_flight = Gauge(
-            "token_broker_in_flight_requests",
-            "CreateToken calls being handled now.",
-            registry=r,
-        )
-        self.tokens_issued = Counter(
+        # CreateToken calls being handled now (the request path counts them; read at scrape).
+        self.in_flight_calls = 0
+        self.tokens_issued = LoopCounter(
             "token_broker_tokens_issued",
             "Tokens handed out to callers (CreateToken answered OK), by namespace.",
             ("namespace", *caller),
             registry=r,
         )
-        self.requested_lifetime = Histogram(
+        self.requested_lifetime = LoopHistogram(
             "token_broker_token_requested_lifetime_seconds",
             "Token lifetimes callers asked for (absent: the API server default, 3600 s), "
             "for valid, authenticated requests.",
             buckets=LIFETIME_BUCKETS,
             registry=r,
         )
-        self.granted_lifetime = Histogram(
+        self.granted_lifetime = LoopHistogram(
             "token_broker_token_granted_lifetime_seconds",
             "Lifetimes of the tokens handed out, as their own claims say (exp - iat): what "
             "they are valid for, extensions by the API server included.",
@@ -229,7 +250,7 @@ class BrokerMetrics:
         )
 
         # --- decisions --------------------------------------------------------------------
-        self.policy_decisions = Counter(
+        self.policy_decisions = LoopCounter(
             "token_broker_policy_decisions",
             "Policy decisions by result (allowed, denied) and reason (ALLOWED or the "
             "ErrorInfo reason of the refusal).",
@@ -277,7 +298,7 @@ class BrokerMetrics:
         self.build_info.labels(__version__, platform.python_version(), grpc.__version__).set(1)
 
         # Read at scrape time.
-        self._state = _StateCollector()
+        self._state = _StateCollector(self)
         r.register(self._state)
         # What an operator graphs first: memory, CPU, open files, start time (process_*, Linux
         # only: the collector reads /proc), the interpreter (python_info) and its garbage
@@ -311,7 +332,16 @@ class BrokerMetrics:
         self, namespace: str, lifetime_seconds: int | None, caller: str | None = None
     ) -> None:
         """A token handed out; `lifetime_seconds`: its own (exp - iat), None when unknown."""
-        self.tokens_issued.labels(namespace, *self._caller(caller)).inc()
+        self.token_handed_out(self.issued_series(namespace, caller), lifetime_seconds)
+
+    def issued_series(self, namespace: str, caller: str | None = None) -> Any:
+        """The `token_broker_tokens_issued` series of a namespace and caller (the request
+        path resolves it once per distinct call: broker.decision_memo)."""
+        return self.tokens_issued.labels(namespace, *self._caller(caller))
+
+    def token_handed_out(self, series: Any, lifetime_seconds: int | None) -> None:
+        """A token handed out, counted in `series` (`issued_series`)."""
+        series.inc()
         if lifetime_seconds is not None:
             self.granted_lifetime.observe(lifetime_seconds)
 
@@ -320,13 +350,21 @@ class BrokerMetrics:
         self.tokens_withheld.labels(reason).inc()
 
     def token_requested(self, expiration_seconds: int | None) -> None:
-        self.requested_lifetime.observe(
-            DEFAULT_EXPIRATION_SECONDS if expiration_seconds is None else expiration_seconds
-        )
+        self.requested_lifetime.observe(self.requested_lifetime_value(expiration_seconds))
+
+    @staticmethod
+    def requested_lifetime_value(expiration_seconds: int | None) -> float:
+        """What `token_requested` observes for a request's expirationSeconds."""
+        return DEFAULT_EXPIRATION_SECONDS if expiration_seconds is None else expiration_seconds
 
     def policy_decision(self, allowed: bool, reason: str, caller: str | None = None) -> None:
+        self.decision_series(allowed, reason, caller).inc()
+
+    def decision_series(self, allowed: bool, reason: str, caller: str | None = None) -> Any:
+        """The `token_broker_policy_decisions` series of a decision (resolved once per
+        distinct call: broker.decision_memo)."""
         result = "allowed" if allowed else "denied"
-        self.policy_decisions.labels(result, reason, *self._caller(caller)).inc()
+        return self.policy_decisions.labels(result, reason, *self._caller(caller))
 
     def authentication_failure(self, method: str, reason: str) -> None:
         self.authentication_failures.labels(method, reason).inc()
@@ -371,6 +409,10 @@ class BrokerMetrics:
     def watch_audit(self, source: AuditState | None) -> None:
         self._state.audit = source
 
+    def watch_memo(self, memo: MemoState | None) -> None:
+        """Export the decision memo's counters (and the calls in flight) at each scrape."""
+        self._state.memo = memo
+
     def watch_readiness(self, ready: Callable[[], bool] | None) -> None:
         self._state.ready = ready
 
@@ -408,7 +450,9 @@ class GrpcMethodMetrics:
 class _StateCollector(Collector):
     """Values kept elsewhere, read when scraped."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: BrokerMetrics) -> None:
+        self.metrics = metrics
+        self.memo: MemoState | None = None
         self.audit: AuditState | None = None
         self.ready: Callable[[], bool] | None = None
         self.kubernetes_api_last_success: Callable[[], float | None] | None = None
@@ -419,6 +463,27 @@ class _StateCollector(Collector):
         self.certificate_expiry: Callable[[], datetime] | None = None
 
     def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "token_broker_in_flight_requests",
+            "CreateToken calls being handled now.",
+            value=self.metrics.in_flight_calls,
+        )
+        memo = self.memo
+        if memo is not None:
+            memo_ = "token_broker_decision_memo_"
+            yield CounterMetricFamily(
+                memo_ + "hits",
+                "CreateToken calls whose decision (validation, policy, effective request, "
+                "cache key) was remembered from an identical earlier call under the policy in "
+                "force.",
+                value=memo.stats.hits,
+            )
+            yield CounterMetricFamily(
+                memo_ + "misses",
+                "Authenticated CreateToken calls decided anew.",
+                value=memo.stats.misses,
+            )
+            yield GaugeMetricFamily(memo_ + "entries", "Decisions remembered now.", value=len(memo))
         yield from self._collect_files()
         limiter = self.rate_limiter
         if limiter is not None:
@@ -540,3 +605,114 @@ class _StateCollector(Collector):
                 "in seconds since the epoch: alert well before it.",
                 value=self.certificate_expiry().timestamp(),
             )
+
+
+class LoopCounter(Collector):
+    """A Counter (as prometheus_client exposes one) counted with plain numbers on the event
+    loop: `labels(...)` gives a series whose `inc()` is an addition. Event loop only."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._series: dict[tuple[str, ...], _Count] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _Count:
+        key = tuple(str(v) for v in values)
+        series = self._series.get(key)
+        if series is None:
+            if len(key) != len(self._labelnames):
+                raise ValueError(f"{self._name}: {len(self._labelnames)} label values expected")
+            series = self._series[key] = _Count()
+        return series
+
+    def inc(self, amount: float = 1) -> None:
+        self.labels().inc(amount)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for key, series in self._series.items():
+            family.add_metric(key, series.value)
+        yield family
+
+
+class _Count:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: float = 0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+
+class LoopHistogram(Collector):
+    """A Histogram (as prometheus_client exposes one) counted with plain numbers on the event
+    loop. Event loop only."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        bounds = [float(b) for b in buckets]
+        if bounds[-1] != float("inf"):
+            bounds.append(float("inf"))
+        self._bounds = tuple(bounds)
+        self._les = tuple(floatToGoString(b) for b in bounds)  # type: ignore[no-untyped-call]
+        self._series: dict[tuple[str, ...], _Observed] = {}
+        if not self._labelnames:
+            self._series[()] = _Observed(self._bounds)
+        registry.register(self)
+
+    def labels(self, *values: str) -> _Observed:
+        key = tuple(str(v) for v in values)
+        series = self._series.get(key)
+        if series is None:
+            if len(key) != len(self._labelnames):
+                raise ValueError(f"{self._name}: {len(self._labelnames)} label values expected")
+            series = self._series[key] = _Observed(self._bounds)
+        return series
+
+    def observe(self, amount: float) -> None:
+        self._series[()].observe(amount)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for key, series in self._series.items():
+            cumulative = 0.0
+            buckets = []
+            for le, count in zip(self._les, series.counts, strict=True):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric(key, buckets, series.sum)
+        yield family
+
+
+class _Observed:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        # The first bucket whose upper bound is >= amount (`le`), as prometheus_client's.
+        self.counts[bisect.bisect_left(self.bounds, amount)] += 1
+        self.sum += amount

@@ -1,8 +1,10 @@
-"""Per-call observation: the server interceptor behind the gRPC metrics, the request id and
-the access log.
+"""Per-call observation: the gRPC metrics, the request id and the access log of every call.
 
-`CallObserver` wraps every method handler of the server (the broker's service, health and
-reflection alike) and, for each call:
+CreateToken observes itself, in one step per call (broker.service: the gRPC adapter of the
+request path, with `log_access` below). `CallObserver` wraps the method handlers of the other
+services (health, reflection), once, when they are registered (`ObservedServer`): no server
+interceptor, whose chain grpc.aio would run for every call of every method before finding its
+handler. For each call:
 
 - binds the call's request id (the caller's sane `x-request-id`, else a new one:
   `broker.request_id`) so every log line of the call carries it (`broker.logs`);
@@ -25,6 +27,10 @@ method is received there, within a bound (REQUEST_RECEIVE_TIMEOUT): broker.recei
 
 Calls to methods the server does not have get no handler, so nothing to wrap: gRPC answers
 UNIMPLEMENTED and they are not counted (bounded `grpc_method` values).
+
+The access line goes straight to the broker's own JSON log handler when logging could not
+change it (broker.logs.direct_json_handler: the same rendering and redaction, none of the
+LogRecord machinery), else through logging like any record.
 """
 
 from __future__ import annotations
@@ -47,7 +53,17 @@ from grpc import aio
 
 from broker.bounded import bounded
 from broker.errors import BrokerError
-from broker.logs import bind_request_id
+from broker.logs import (
+    bind_request_id,
+    direct_json_handler,
+    iso_millis_at,
+    json_line,
+    json_line_parts,
+    json_text,
+    redact,
+    redact_fields,
+    write_direct,
+)
 from broker.metrics import BrokerMetrics, GrpcMethodMetrics
 from broker.reasons import Reason
 from broker.receive import parse, receive_one
@@ -142,23 +158,88 @@ class _Call:
             if self.service in ACCESS_LOG_SERVICES and not info.quiet
             else logging.DEBUG
         )
+        log_access(level, self.service, self.method, code, elapsed, info.request_id, info.fields)
+
+
+def log_access(
+    level: int,
+    service: str,
+    method: str,
+    code: grpc.StatusCode,
+    elapsed: float,
+    request_id: str,
+    fields: dict[str, str],
+) -> None:
+    """The access line of a call (logger `broker.access`): method, code, latency, request id,
+    then `fields` (bounded values); straight to the broker's JSON handler when logging could
+    not change it (see the module docstring)."""
+    handler = direct_json_handler(access_logger, level)
+    if handler is None:
         if access_logger.isEnabledFor(level):
             access_logger.log(
                 level,
                 "%s/%s %s %.1fms",
-                self.service,
-                self.method,
+                service,
+                method,
                 code.name,
                 elapsed * 1000,
                 extra={
-                    "grpc_service": self.service,
-                    "grpc_method": self.method,
+                    "grpc_service": service,
+                    "grpc_method": method,
                     "grpc_code": code.name,
                     "latency_ms": round(elapsed * 1000, 3),
-                    "request_id": info.request_id,
-                    **info.fields,
+                    "request_id": request_id,
+                    **fields,
                 },
             )
+        return
+    code_name = code.name
+    latency_ms = round(elapsed * 1000, 3)
+    key = (level, service, method, code_name, *fields.items())
+    if key not in _access_templates:
+        constant: dict[str, object] = {
+            "grpc_service": service,
+            "grpc_method": method,
+            "grpc_code": code_name,
+            "latency_ms": None,
+            "request_id": None,
+            **fields,
+        }
+        redact_fields(constant)
+        if len(_access_templates) >= MAX_ACCESS_TEMPLATES:
+            _access_templates.clear()
+        _access_templates[key] = json_line_parts(
+            logging.getLevelName(level), access_logger.name, constant, _OPEN_FIELDS
+        )
+    parts = _access_templates[key]
+    message = redact(f"{service}/{method} {code_name} {elapsed * 1000:.1f}ms")
+    if parts is None:  # a value holds a mark: no template
+        line_fields: dict[str, object] = {
+            "grpc_service": service,
+            "grpc_method": method,
+            "grpc_code": code_name,
+            "latency_ms": latency_ms,
+            "request_id": request_id,
+            **fields,
+        }
+        redact_fields(line_fields)
+        line = json_line(
+            time.time(), logging.getLevelName(level), access_logger.name, message, line_fields
+        )
+    else:
+        p = parts
+        line = (
+            f'{p[0]}"{iso_millis_at(time.time())}"{p[1]}{json_text(message)}{p[2]}'
+            f"{latency_ms!r}{p[3]}{json_text(redact(request_id))}{p[4]}"
+        )
+    write_direct(handler, access_logger, level, line)
+
+
+# Access lines rendered once per kind (level, method, code, fields), their varying values
+# left open (broker.logs.json_line_parts); None: that kind has no template.
+_OPEN_FIELDS = ("latency_ms", "request_id")
+MAX_ACCESS_TEMPLATES = 1024
+_access_templates: dict[tuple[object, ...], tuple[str, ...] | None] = {}
 
 
 async def _answer_once(
@@ -170,7 +251,7 @@ async def _answer_once(
         try:
             response = await respond()
         except BaseException as exc:
-            code = _code_after_exception(exc, context)
+            code = code_after_exception(exc, context)
             raise
         else:
             code = _context_code(context) or grpc.StatusCode.OK
@@ -181,7 +262,7 @@ async def _answer_once(
             call.finish(code, info)
 
 
-def _code_after_exception(exc: BaseException, context: Any) -> grpc.StatusCode:
+def code_after_exception(exc: BaseException, context: Any) -> grpc.StatusCode:
     code = _context_code(context)
     if code is not None:
         return code  # context.abort() (AbortError), or set_code() then an exception
@@ -243,8 +324,54 @@ def _described_method(service: str, method: str) -> MethodDescriptor | None:
         return None
 
 
-class CallObserver(aio.ServerInterceptor):
-    """The server interceptor: metrics, request id and access log of every call.
+class ObservedServer:
+    """Registers services on a grpc.aio server (as `add_*Servicer_to_server` functions do) with
+    each method handler observed: wrapped by `observer` once, here, not per call."""
+
+    def __init__(self, server: aio.Server, observer: CallObserver) -> None:
+        self._server = server
+        self._observer = observer
+
+    def add_generic_rpc_handlers(self, handlers: tuple[grpc.GenericRpcHandler, ...]) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_ObservedGenericHandler(handler, self._observer) for handler in handlers)
+        )
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Handler]) -> None:
+        self._server.add_registered_method_handlers(
+            service,
+            {
+                name: self._observer.wrap(handler, service, name)
+                for name, handler in handlers.items()
+            },
+        )
+
+
+class _ObservedGenericHandler(grpc.GenericRpcHandler):
+    """A generic handler whose method handlers are observed (wrapped once per method). gRPC
+    asks it only for methods no registered handler has."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, observer: CallObserver) -> None:
+        self._inner = inner
+        self._observer = observer
+        # Wrapped handlers by method: one per method the inner handler has (bounded).
+        self._wrapped: dict[str, Handler] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        full_method = handler_call_details.method
+        wrapped = self._wrapped.get(full_method)
+        if wrapped is not None:
+            return wrapped
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        service, method = split_method(full_method)
+        wrapped = self._wrapped[full_method] = self._observer.wrap(handler, service, method)
+        return wrapped
+
+
+class CallObserver:
+    """Metrics, request id and access log of every call of the methods it wraps.
 
     It also moves what gRPC does before any handler code runs into the observed handler, so
     that every outcome is counted and logged: handlers are re-registered request-streaming
@@ -259,24 +386,6 @@ class CallObserver(aio.ServerInterceptor):
     def __init__(self, metrics: BrokerMetrics, *, receive_timeout_seconds: float = 10.0) -> None:
         self._metrics = metrics
         self._receive_timeout = receive_timeout_seconds
-        # Wrapped handlers by method: one per method the server has (bounded).
-        self._wrapped: dict[str, Handler] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        full_method = handler_call_details.method
-        wrapped = self._wrapped.get(full_method)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        service, method = split_method(full_method)
-        wrapped = self._wrapped[full_method] = self.wrap(handler, service, method)
-        return wrapped
 
     async def _refuse(self, error: BrokerError, context: Any) -> NoReturn:
         if error.reason == Reason.REQUEST_RECEIVE_TIMEOUT:
@@ -441,7 +550,7 @@ def _counted(call: _Call, info: CallInfo, context: Any) -> Iterator[None]:
         try:
             yield
         except BaseException as exc:
-            code = _code_after_exception(exc, context)
+            code = code_after_exception(exc, context)
             raise
         else:
             code = _context_code(context) or grpc.StatusCode.OK

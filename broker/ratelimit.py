@@ -519,7 +519,17 @@ class RateLimiter:
         """
         if not self._settings.enabled:
             return
-        buckets = self.buckets(identity, namespace, service_account, rule=rule, override=override)
+        await self.check_buckets(
+            self.buckets(identity, namespace, service_account, rule=rule, override=override)
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self._settings.enabled
+
+    async def check_buckets(self, buckets: Sequence[Bucket]) -> None:
+        """`check` with the buckets `buckets()` gave for the call (the request path keeps
+        them per distinct call: broker.decision_memo)."""
         if not buckets:
             return
         refusals = await self._acquire(buckets)

@@ -15,12 +15,15 @@ that did not arrive in time — counted, access-logged and (CreateToken) audited
 A message larger than the server's receive limit (1 MiB) is refused by gRPC itself with
 `RESOURCE_EXHAUSTED` before the handler sees it: the handler reads no message, and the call
 is cancelled under it.
+
+CreateToken's bound is `ReceiveBound`: one timer for all the calls waiting for their message
+(the oldest deadline first), rather than a timer set and cancelled by every call.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from broker.errors import BrokerError
@@ -68,3 +71,51 @@ def parse(deserializer: Callable[[bytes], T], raw: bytes, what: str) -> T:
         return deserializer(raw)
     except Exception:  # DecodeError, or anything a parser raises on hostile bytes
         raise malformed(f"the request message is not a valid {what}") from None
+
+
+class ReceiveBound:
+    """Receives each call's request message within `timeout` seconds (REQUEST_RECEIVE_TIMEOUT
+    after that), with one timer for all the calls that wait: the deadlines are in the order
+    the calls started (one timeout for all), so the timer only ever looks at the oldest.
+    Use from one event loop."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        # The tasks waiting for their message, oldest first, with their deadlines.
+        self._waiting: dict[asyncio.Task[object], float] = {}
+        # Cancelled by the timer (their wait ran out), until their receive ends.
+        self._expired: set[asyncio.Task[object]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def receive(self, receive: Callable[[], Awaitable[T]]) -> T:
+        """`await receive()` (the transport's) within the bound; the caller's task is
+        cancelled when it runs out, as asyncio.timeout() would."""
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        self._waiting[task] = deadline
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._expire)
+        cancelling = task.cancelling()
+        try:
+            return await receive()
+        except asyncio.CancelledError:
+            if task in self._expired and task.uncancel() <= cancelling:
+                raise receive_timeout_error(self.timeout) from None
+            raise
+        finally:
+            del self._waiting[task]
+            self._expired.discard(task)
+
+    def _expire(self) -> None:
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for task, deadline in self._waiting.items():
+            if deadline > now:
+                self._timer = loop.call_at(deadline, self._expire)
+                return
+            if task not in self._expired:
+                self._expired.add(task)
+                task.cancel()

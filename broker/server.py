@@ -1,11 +1,13 @@
 """The gRPC server: listeners, TLS, health, reflection and graceful shutdown. Wiring only.
 
-The request path lives in `broker.service`; this module builds its parts from the settings
-(authenticator, policy source, upstream client, audit log), binds it to TCP and/or a unix
-socket next to the standard `grpc.health.v1.Health` and server reflection services, and
-owns the parts' lifecycles. Around them: the metrics (`broker.metrics`, fed by the
-`broker.observe` interceptor on every gRPC server), readiness (`broker.readiness`: the gRPC
-health statuses follow it) and the admin HTTP listener (`broker.admin`).
+The request path lives in `broker.request_path` (its gRPC adapter: `broker.service`); this
+module builds its parts from the settings (authenticator, policy source, upstream client,
+audit log), binds it to TCP and/or a unix socket next to the standard `grpc.health.v1.Health`
+and server reflection services, and owns the parts' lifecycles. Around them: the metrics
+(`broker.metrics`, fed by the CreateToken adapter and, for the other services, by
+`broker.observe`'s wrappers, put around their handlers when they are registered),
+readiness (`broker.readiness`: the gRPC health statuses follow it) and the admin HTTP
+listener (`broker.admin`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Any
 from grpc import aio
 from grpc_health.v1 import _async as health_aio  # the asyncio HealthServicer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer
 
 from broker.admin import AdminServer
 from broker.audit import AuditLog
@@ -40,10 +43,11 @@ from broker.file_reload import ReloadingFiles, reload_on_sighup
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.listen_ports import listen_error, reason_not_bound
 from broker.metrics import BrokerMetrics
-from broker.observe import CallObserver
+from broker.observe import CallObserver, ObservedServer
 from broker.policy_reload import FixedPolicy, PolicyStore, open_policy
 from broker.ratelimit import RateLimiter
 from broker.readiness import Clock, KubernetesProber, Readiness, ReadyState
+from broker.request_path import RequestPath
 from broker.service import TokenBrokerServicer, add_token_broker_service
 from broker.tls import ServerCertificates, ServerTLSMaterial
 from broker.unix_socket import PeerCredentialRelay, PrivateSocketDirectory, remove_stale_socket
@@ -116,6 +120,7 @@ class _Running:
     prober: KubernetesProber
     reloading: tuple[ReloadingFiles[Any], ...]
     teardown: contextlib.AsyncExitStack
+    request_path: RequestPath
 
 
 class BrokerServer:
@@ -203,6 +208,11 @@ class BrokerServer:
         return self._started().prober
 
     @property
+    def request_path(self) -> RequestPath:
+        """CreateToken's request path (broker.request_path), which the transports share."""
+        return self._started().request_path
+
+    @property
     def limiter(self) -> RateLimiter:
         return self._started().parts.limiter
 
@@ -245,18 +255,16 @@ class BrokerServer:
             parts = await self._open_parts(stack)
             servicer = self._servicer(parts)
             stack.push_async_callback(servicer.close)  # its last audit lines
-            server = aio.server(
-                options=channel_options(self.settings, reuse_port=self._reuse_port),
-                interceptors=[
-                    CallObserver(self.metrics, receive_timeout_seconds=cfg.receive_timeout_seconds)
-                ],
-            )
+            # No interceptor: grpc.aio would run its chain on every call before finding the
+            # handler. CreateToken observes itself; the other services' handlers are wrapped
+            # once, as they are registered.
+            server = aio.server(options=channel_options(self.settings, reuse_port=self._reuse_port))
+            observed = ObservedServer(server, self._observer())
             # Stopped before the parts behind it close (after `stop()`'s graceful stop, a
             # no-op); a start failing later also frees the ports it bound.
             stack.push_async_callback(server.stop, None)
             add_token_broker_service(servicer, server)
-            self.metrics.grpc_method("unary", SERVICE_NAME, "CreateToken")
-            health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, observed)
             # The first probe sets the health statuses: SERVING once the API server answered.
             prober = KubernetesProber(
                 parts.upstream,
@@ -268,8 +276,9 @@ class BrokerServer:
                 ),
             )
             await prober.check()
-            reflection.enable_server_reflection(
-                [SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+                ReflectionServicer([SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME]),
+                observed,
             )
             listeners = await self._listen(stack, server, certificates)
             reloading: tuple[ReloadingFiles[Any], ...] = (
@@ -291,6 +300,7 @@ class BrokerServer:
                 prober=prober,
                 reloading=reloading,
                 teardown=stack.pop_all(),
+                request_path=servicer.path,
             )
         state = self.readiness.state()
         if not state.ready:
@@ -349,12 +359,17 @@ class BrokerServer:
             audit=audit,
         )
 
+    def _observer(self) -> CallObserver:
+        return CallObserver(
+            self.metrics, receive_timeout_seconds=self.settings.server.receive_timeout_seconds
+        )
+
     def _servicer(self, parts: _RequestPath) -> TokenBrokerServicer:
         cfg = self.settings.server
         rate_limit = self.settings.rate_limit
         guard = UpstreamGuard.from_settings(rate_limit.upstream)
         guard.add_observer(self.metrics)
-        return TokenBrokerServicer(
+        path = RequestPath(
             authenticator=parts.authenticator,
             policy=parts.policy,
             upstream=parts.upstream,
@@ -368,6 +383,7 @@ class BrokerServer:
             default_deadline_seconds=cfg.default_deadline_seconds,
             max_pending_calls=cfg.max_pending_calls,
         )
+        return TokenBrokerServicer(path)
 
     async def _listen(
         self,
@@ -448,19 +464,16 @@ class BrokerServer:
     async def _start_health_server(self, stack: contextlib.AsyncExitStack, listen: str) -> str:
         """The plaintext health-only listener; its host:port."""
         # Same HealthServicer: probes see exactly what gRPC clients see, NOT_SERVING included.
-        # Its own observer: wrapped handlers are cached per server (never serve a method
-        # of the main server here).
         cfg = self.settings.server
         health_server = aio.server(
             options=[
                 ("grpc.so_reuseport", int(self._reuse_port)),
                 ("grpc.max_concurrent_streams", cfg.max_concurrent_streams),
             ],
-            interceptors=[
-                CallObserver(self.metrics, receive_timeout_seconds=cfg.receive_timeout_seconds)
-            ],
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, health_server)
+        health_pb2_grpc.add_HealthServicer_to_server(
+            self._health, ObservedServer(health_server, self._observer())
+        )
         # Stopped once the main server is done (`stop()` stops that one first), so probes
         # see NOT_SERVING all along.
         stack.push_async_callback(health_server.stop, None)

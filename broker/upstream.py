@@ -38,7 +38,7 @@ from broker.config import ConfigError, KubernetesSettings, RetrySettings
 from broker.convert import (
     ConversionError,
     kubernetes_field_to_proto,
-    to_kubernetes_body,
+    token_request_body,
     token_request_from_json,
 )
 from broker.errors import KUBERNETES_DOMAIN, BrokerError, FieldViolation
@@ -61,6 +61,9 @@ METADATA_KUBERNETES_KIND = "kubernetesKind"
 MIN_ATTEMPT_SECONDS = 0.05
 # Metadata values are bounded: Status details echo caller input.
 _METADATA_VALUE_LIMIT = 256
+# The TokenRequest subresource, and the answers it is asked for (the generated client's).
+TOKEN_PATH = "/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token"
+_ACCEPT = "application/json"
 
 
 @dataclass(frozen=True, repr=False)
@@ -136,7 +139,6 @@ class UpstreamClient:
 
     def __init__(self, api_client: Any, settings: KubernetesSettings) -> None:
         self._api_client = api_client
-        self._core = kclient.CoreV1Api(api_client)
         self._settings = settings
         self._retry: RetrySettings = settings.retry
         self._observers: list[UpstreamObserver] = []
@@ -250,17 +252,17 @@ class UpstreamClient:
         budget = self._settings.request_timeout_seconds if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, budget)
-        body = to_kubernetes_body(token_request)
-        kwargs: dict[str, Any] = {}
+        body = token_request_body(token_request)
+        query: list[tuple[str, str]] = []
         if dry_run:
-            kwargs["dry_run"] = "All"
+            query.append(("dryRun", "All"))
         if field_manager:
-            kwargs["field_manager"] = field_manager
+            query.append(("fieldManager", field_manager))
         if field_validation:
-            kwargs["field_validation"] = field_validation
+            query.append(("fieldValidation", field_validation))
         try:
             async with asyncio.timeout_at(deadline):
-                return await self._attempts(namespace, name, body, kwargs, deadline)
+                return await self._attempts(namespace, name, body, query, deadline)
         except TimeoutError:
             logger.warning(
                 "upstream deadline exhausted after %.3fs for %s/%s", budget, namespace, name
@@ -271,8 +273,8 @@ class UpstreamClient:
         self,
         namespace: str,
         name: str,
-        body: Any,
-        kwargs: dict[str, Any],
+        body: dict[str, Any],
+        query: list[tuple[str, str]],
         deadline: float,
     ) -> UpstreamResult:
         loop = asyncio.get_running_loop()
@@ -282,7 +284,7 @@ class UpstreamClient:
             started = loop.time()
             remaining = deadline - started
             per_attempt = min(remaining, self._settings.request_timeout_seconds)
-            outcome = await self._attempt(namespace, name, body, kwargs, per_attempt)
+            outcome = await self._attempt(namespace, name, body, query, per_attempt)
             if isinstance(outcome, UpstreamResult):
                 if attempt > 1:
                     logger.info(
@@ -368,8 +370,8 @@ class UpstreamClient:
         self,
         namespace: str,
         name: str,
-        body: Any,
-        kwargs: dict[str, Any],
+        body: dict[str, Any],
+        query: list[tuple[str, str]],
         attempt_timeout: float,
     ) -> UpstreamResult | _Failure:
         """One attempt, its outcome reported to the observers."""
@@ -380,7 +382,7 @@ class UpstreamClient:
         error: Literal["connection", "timeout", "deadline"] | None = "deadline"
         try:
             outcome = await self._attempt_once(
-                namespace, name, body, kwargs, attempt_timeout, answered
+                namespace, name, body, query, attempt_timeout, answered
             )
             if answered:
                 error = None
@@ -402,24 +404,36 @@ class UpstreamClient:
         self,
         namespace: str,
         name: str,
-        body: Any,
-        kwargs: dict[str, Any],
+        body: dict[str, Any],
+        query: list[tuple[str, str]],
         attempt_timeout: float,
         answered: list[int],
     ) -> UpstreamResult | _Failure:
         try:
-            # _without_preload_content: the raw aiohttp response. `_with_http_info` would
-            # fold the headers into a dict (losing all but one Warning header) and build a
-            # model holding the token.
-            response = (
-                await self._core.create_namespaced_service_account_token_without_preload_content(
-                    name,
-                    namespace,
-                    body,
-                    _request_timeout=float(max(attempt_timeout, 0.001)),
-                    **kwargs,
-                )
+            # The request the generated `create_namespaced_service_account_token` makes,
+            # through the same ApiClient (configuration, credentials, TLS, connection pool),
+            # with a JSON body of plain values: the generated method would validate its
+            # arguments and build the body's models with pydantic on every call. The raw
+            # aiohttp response (not preloaded): a model would hold the token, and folding the
+            # headers into a dict would lose all but one Warning header.
+            serialized = await self._api_client.param_serialize(
+                method="POST",
+                resource_path=TOKEN_PATH,
+                path_params={"name": name, "namespace": namespace},
+                query_params=list(query),
+                header_params={"Accept": _ACCEPT},
+                body=body,
+                post_params=[],
+                files={},
+                auth_settings=["BearerToken"],
+                collection_formats={},
             )
+            answer = await self._api_client.call_api(
+                *serialized,
+                _preload_content=False,
+                _request_timeout=float(max(attempt_timeout, 0.001)),
+            )
+            response = answer.response
             try:
                 raw = await response.read()
                 status = int(response.status)

@@ -41,6 +41,7 @@ from broker.config import (
 )
 from broker.errors import BrokerError, RichStatus, rich_status_from_call
 from broker.reasons import Reason
+from broker.service import grpc_credentials
 from tests.support.certs import client_cert
 from tests.support.jwt_issuer import (
     AUDIENCE,
@@ -70,7 +71,7 @@ async def serve_who(
 
     async def who(request: bytes, context: aio.ServicerContext[Any, Any]) -> bytes:
         try:
-            identity = await authn.authenticate(context)
+            identity = await authn.authenticate(grpc_credentials(context))
         except BrokerError as err:
             await err.abort(context)
         body = {

@@ -50,7 +50,6 @@ import contextlib
 import errno
 import json
 import logging
-import math
 import os
 import sys
 import threading
@@ -73,6 +72,7 @@ from broker.identity import AuthMethod, CertificateField, Identity
 from broker.issued_token import read_token
 from broker.pipes import close_quietly, nonblocking_pipe, write_lines
 from broker.reasons import ALLOWED, CANCELLED, Reason
+from broker.utc_text import utc_second_and_micros
 
 if TYPE_CHECKING:
     from broker.upstream import UpstreamResult
@@ -396,27 +396,10 @@ def rfc3339_micro(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-# The last second rfc3339_micro_at formatted, and its text.
-_second: tuple[int, str] = (-1, "")
-
-
 def rfc3339_micro_at(timestamp: float) -> str:
     """`rfc3339_micro(datetime.fromtimestamp(timestamp, UTC))`, with the seconds' text made
     once per second: microseconds rounded half to even, as datetime rounds them."""
-    global _second
-    fraction, whole = math.modf(timestamp)
-    seconds = int(whole)
-    micros = round(fraction * 1e6)
-    if micros >= 1_000_000:
-        seconds += 1
-        micros -= 1_000_000
-    elif micros < 0:
-        seconds -= 1
-        micros += 1_000_000
-    cached_second, text = _second
-    if cached_second != seconds:
-        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-        _second = (seconds, text)
+    text, micros = utc_second_and_micros(timestamp)
     return f"{text}.{micros:06d}Z"
 
 

@@ -34,16 +34,15 @@ import contextvars
 import io
 import json
 import logging
-import math
 import re
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from broker.config import LogSettings
 from broker.pipes import close_quietly, nonblocking_pipe, write_lines
+from broker.utc_text import utc_second_and_micros
 
 REDACTED = "<redacted>"
 # Starts every line of a text record after its first (a traceback): never a timestamp.
@@ -209,27 +208,10 @@ def _text_value(value: object) -> str:
 _JSON_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
-# The last second iso_millis_at formatted, and its text.
-_second: tuple[int, str] = (-1, "")
-
-
 def iso_millis_at(timestamp: float) -> str:
     """`datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")`, the
     seconds' text made once per second."""
-    global _second
-    fraction, whole = math.modf(timestamp)
-    seconds = int(whole)
-    micros = round(fraction * 1e6)
-    if micros >= 1_000_000:
-        seconds += 1
-        micros -= 1_000_000
-    elif micros < 0:
-        seconds -= 1
-        micros += 1_000_000
-    cached_second, text = _second
-    if cached_second != seconds:
-        text = datetime.fromtimestamp(seconds, UTC).isoformat()[:19]
-        _second = (seconds, text)
+    text, micros = utc_second_and_micros(timestamp)
     return f"{text}.{micros // 1000:03d}+00:00"
 
 

@@ -258,11 +258,11 @@ def test_docs_errors_table_is_the_generated_one() -> None:
         assert f"`{reason.value}`" in table
 
 
-# Backticked UPPER_SNAKE names in the README that are not reasons: gRPC codes and health
+# Backticked UPPER_SNAKE names in the README and docs that are not reasons: gRPC codes and health
 # statuses, environment variables, system constants, the audit line's outcome names.
 NOT_REASONS = re.compile(
     r"TOKEN_BROKER_\w+|\w+_PROXY|KUBERNETES_EXEC_INFO|SO_\w+|O_\w+|SIG\w+|E[A-Z]+|SETTINGS_\w+"
-    r"|(NOT_)?SERVING|TYPE_CHECKING|PATH"
+    r"|(NOT_)?SERVING|TYPE_CHECKING|PATH|BLOCKS"
 )
 
 

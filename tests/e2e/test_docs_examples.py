@@ -1,19 +1,21 @@
-"""Examples that are run, not just written: every shell block of the README and of the docs'
-pages is marked, and the marked ones are run against a real dev-mode broker.
+"""Examples that are run, not just written: every shell block (and code snippet: Python, Go,
+JavaScript) of the README and of the docs' pages is marked, and the marked ones are run against
+a real dev-mode broker.
 
-A shell block (```sh, bash, shell, console) is preceded by one of
+Such a block (```sh, bash, shell, console, python, go, js) is preceded by one of
 
     <!-- test: dev -->                          run it against dev mode: exit 0
     <!-- test: dev; exit 1; expect "TEXT" -->   its exit status, and text its output must hold
     <!-- test: none (why) -->                   not run here (a real cluster, a container
                                                 engine, the suite itself), and why
 
-and a shell block without a marker fails `test_every_shell_block_is_marked`, so nobody adds an
-untested one. The dev-mode blocks run in bash (`set -e -o pipefail`) from the repository's root
-with the virtualenv's tools first on PATH, one after the other against one `token-broker serve
---dev` started here on free ports. What the docs write for dev mode's own values is rewritten
-to this broker's: the directory `/tmp/token-broker-dev-XXXX`, the gRPC address
-`127.0.0.1:50051`, the admin address `127.0.0.1:8082`, and `/path/to/checkout`.
+and a block without a marker fails `test_every_shell_block_is_marked`, so nobody adds an
+untested one. The dev-mode blocks run in bash (`set -e -o pipefail`; Python blocks in the
+virtualenv's python) from the repository's root with the virtualenv's tools first on PATH, one
+after the other against one `token-broker serve --dev` started here on free ports. What the
+docs write for dev mode's own values is rewritten to this broker's: the directory
+`/tmp/token-broker-dev-XXXX`, the gRPC address `127.0.0.1:50051`, the admin address
+`127.0.0.1:8082`, and `/path/to/checkout`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from tests.support.suite_secrets import SUITE
 BIN = Path(sys.executable).absolute().parent
 DOCUMENTS = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))]
 SHELL = {"sh", "bash", "shell", "console"}
+# Code blocks that must be marked too: shell blocks run in bash, Python blocks in the
+# virtualenv's python (a Go sketch can only be marked `none`: there is no Go toolchain here).
+MARKED = SHELL | {"python", "go", "javascript", "js"}
 MARKER = re.compile(r"^<!-- test: (dev|none)\b(.*?)-->$")
 FENCE = re.compile(r"^```(\S*)")
 # What the docs write for dev mode's own values.
@@ -49,6 +54,7 @@ class Example:
     exit_status: int = 0
     expect: list[str] = field(default_factory=list)
     reason: str = ""
+    language: str = "sh"
 
 
 def examples() -> list[Example]:
@@ -61,9 +67,11 @@ def examples() -> list[Example]:
             fence = FENCE.match(line)
             if fence and not in_fence:
                 in_fence = True
-                if fence.group(1) in SHELL:
+                if fence.group(1) in MARKED:
                     end = next(i for i in range(number, len(lines)) if lines[i].startswith("```"))
-                    found.append(parse(f"{document}:{number}", previous, lines[number:end]))
+                    example = parse(f"{document}:{number}", previous, lines[number:end])
+                    example.language = fence.group(1)
+                    found.append(example)
                 continue
             if fence and in_fence:
                 in_fence = False
@@ -152,9 +160,12 @@ async def test_the_docs_examples_run_against_dev_mode(spawn: Spawn, tmp_path: Pa
         if example.kind != "dev":
             continue
         code = rewrite(example.code, dev_dir, grpc_address, admin_address)
-        done = await run_command(
-            ["bash", "-e", "-o", "pipefail", "-c", code], env=env, timeout=60, cwd=REPO
-        )
+        if example.language == "python":
+            argv = [sys.executable, "-c", code]
+        else:
+            assert example.language in SHELL, f"{example.where}: {example.language} cannot run"
+            argv = ["bash", "-e", "-o", "pipefail", "-c", code]
+        done = await run_command(argv, env=env, timeout=60, cwd=REPO)
         ran += 1
         SUITE.add("cli stderr", done.stderr)
         # stdout may hold a token: only its expected parts are named, never printed here.

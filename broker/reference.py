@@ -293,7 +293,7 @@ class _File:
     last_error: str | None = None
 
 
-def _broker_registry(settings: MetricsSettings) -> CollectorRegistry:
+def broker_registry(settings: MetricsSettings) -> CollectorRegistry:
     """A fresh broker's registry with every family present: what is read when scraped wired to
     idle stand-ins (a broker serving TLS, with a rate limiter on Redis and a followed file)."""
     from broker.metrics import BrokerMetrics
@@ -313,7 +313,7 @@ def _broker_registry(settings: MetricsSettings) -> CollectorRegistry:
 _SUFFIXES = {"counter": "_total", "histogram": "", "gauge": "", "info": "_info"}
 
 
-def _families(registry: CollectorRegistry) -> dict[str, tuple[str, str, tuple[str, ...]]]:
+def metric_families(registry: CollectorRegistry) -> dict[str, tuple[str, str, tuple[str, ...]]]:
     """name -> (type, help, label names) of every family the registry exposes."""
     labels_of: dict[str, tuple[str, ...]] = {}
     for collector in list(registry._collector_to_names):
@@ -337,8 +337,8 @@ def _families(registry: CollectorRegistry) -> dict[str, tuple[str, str, tuple[st
 
 def metrics_reference() -> str:
     """Three tables (gRPC server, the broker, the process), from a fresh broker's registry."""
-    plain = _families(_broker_registry(MetricsSettings()))
-    with_callers = _families(_broker_registry(MetricsSettings(caller_labels=True)))
+    plain = metric_families(broker_registry(MetricsSettings()))
+    with_callers = metric_families(broker_registry(MetricsSettings(caller_labels=True)))
     groups: dict[str, list[str]] = {"grpc_": [], "token_broker_": [], "": []}
     for name, (kind, help_text, labels) in plain.items():
         shown = [f"`{label}`" for label in labels]

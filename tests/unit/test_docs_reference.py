@@ -53,3 +53,26 @@ def test_every_generated_block_in_the_docs_is_registered() -> None:
         ):
             assert (page, name) in registered, f"{page}: block {name} is in no Block of BLOCKS"
             assert path.read_text().count(end_marker(name)) == 1, (page, name)
+
+
+def test_the_docs_name_only_metrics_the_broker_exports() -> None:
+    """A metric named anywhere in the README or the docs (prose, PromQL, runbooks) is one a
+    fresh broker's registry has: a renamed or removed metric cannot linger in the text. The
+    changelog is history and may name removed ones."""
+    from broker.config import MetricsSettings
+
+    families = reference.metric_families(reference.broker_registry(MetricsSettings()))
+    labels = {label for _, _, names in families.values() for label in names}
+    documents = [REPO / "README.md", *(REPO / "docs").glob("*.md")]
+    unknown = set()
+    for path in documents:
+        if path.name == "changelog.md":
+            continue
+        for name in re.findall(
+            r"\b((?:token_broker|grpc_server|process|python)_\w+)", path.read_text()
+        ):
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            if name.endswith("_") or name in labels or {name, base} & set(families):
+                continue
+            unknown.add(f"{path.name}: {name}")
+    assert not unknown, sorted(unknown)

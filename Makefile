@@ -11,7 +11,8 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c const
 RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test unit lint typecheck proto proto-lint pytest bench clean helm promtool image image-base
+.PHONY: venv run test unit lint typecheck proto proto-lint pytest bench clean helm promtool image image-base \
+	docs docs-build docs-gen
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,7 +68,20 @@ typecheck: venv
 pytest: venv $(BIN)/helm promtool
 	$(BIN)/pytest -q
 
-test: lint typecheck proto-lint pytest
+test: lint typecheck proto-lint docs-build pytest
+
+## The documentation site (mkdocs.yml, docs/): docs-build checks it (--strict: a broken link or
+## anchor fails; part of `make test`), docs builds it and serves it on http://127.0.0.1:8000,
+## docs-gen rewrites the generated blocks of docs/ from the code (broker/reference.py).
+export NO_MKDOCS_2_WARNING := 1
+docs-build: venv
+	$(BIN)/mkdocs build --strict --quiet
+
+docs: docs-build
+	$(BIN)/mkdocs serve
+
+docs-gen: venv
+	$(BIN)/python -m broker.reference
 
 ## The quick loop: the unit tests only (tests/unit; no emulator, no broker server, no helm).
 unit: venv
@@ -111,4 +125,4 @@ image-base:
 	rm -rf $(BASE_ROOTFS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
+	rm -rf $(VENV) site .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -56,9 +56,12 @@ class _Section(BaseModel):
 class TLSSettings(_Section):
     """Server TLS. With `clientCaFile` set, clients must present a certificate (mutual TLS)."""
 
+    # The server certificate (PEM; the chain may follow the leaf) and its key, checked at start.
     cert_file: Path
     key_file: Path
+    # CA of client certificates; None: no mutual TLS.
     client_ca_file: Path | None = None
+    # With clientCaFile: false makes a client certificate optional.
     require_client_cert: bool = True
     # How often the files are checked for changes (by content hash); SIGHUP reloads at once.
     reload_interval_seconds: float = Field(default=5.0, gt=0)
@@ -81,11 +84,13 @@ class ServerSettings(_Section):
     # After SIGTERM, keep serving this long while not ready (health NOT_SERVING, /readyz 503)
     # before the listeners close: Kubernetes removes a terminating pod from its endpoints at
     # the same time as it signals it, so new connections may still arrive for a few seconds.
+    # The Helm chart sets 5.
     shutdown_delay_seconds: float = Field(default=0.0, ge=0)
     # How long in-flight calls may run after the listeners close before they are cancelled.
     shutdown_grace_seconds: float = Field(default=15.0, ge=0)
-    # Close connections after this age so clients rebalance across replicas.
+    # Close connections after this age so clients rebalance across replicas (None: never).
     max_connection_age_seconds: float | None = Field(default=300.0, gt=0)
+    # How long calls on a connection past its age may still run.
     max_connection_age_grace_seconds: float = Field(default=30.0, ge=0)
     # HTTP/2 streams (calls) one connection may have open at once (grpc.max_concurrent_streams);
     # a client queues the calls beyond it.
@@ -110,7 +115,9 @@ class ServerSettings(_Section):
 class RetrySettings(_Section):
     """Retries of retryable upstream failures (connection errors, 429, 5xx), within the deadline."""
 
+    # Attempts at most, the first included.
     max_attempts: int = Field(default=4, ge=1, le=20)
+    # Exponential backoff with full jitter between attempts, from this to max_backoff_seconds.
     initial_backoff_seconds: float = Field(default=0.1, gt=0)
     max_backoff_seconds: float = Field(default=2.0, gt=0)
     # A Retry-After longer than this is not waited for: the caller gets UNAVAILABLE + RetryInfo.
@@ -122,7 +129,9 @@ class KubernetesSettings(_Section):
 
     # auto: in-cluster when running in a pod, else the kubeconfig.
     mode: Literal["auto", "inCluster", "kubeconfig"] = "auto"
+    # None: $KUBECONFIG, else ~/.kube/config.
     kubeconfig: Path | None = None
+    # None: the kubeconfig's current context.
     context: str | None = None
     # Upper bound of one upstream call when the caller sets no gRPC deadline.
     request_timeout_seconds: float = Field(default=30.0, gt=0)
@@ -139,6 +148,7 @@ class LogSettings(_Section):
 class PolicySettings(_Section):
     """Who may get which tokens (broker.policy). Without a file every request is denied."""
 
+    # The policy YAML; None: every request is denied.
     file: Path | None = None
     # How often the file is checked for changes (by content hash); SIGHUP reloads at once.
     reload_interval_seconds: float = Field(default=5.0, gt=0)
@@ -174,7 +184,8 @@ class AdminSettings(_Section):
     developer's machine would clash), and 9091-9999 are taken by Prometheus components and
     exporters (pushgateway 9091, alertmanager 9093, node exporter 9100, ...)."""
 
-    # host:port (IPv6 as [::1]:8082); None disables the listener.
+    # host:port (IPv6 as [::1]:8082); None (an empty TOKEN_BROKER_ADMIN__LISTEN, or
+    # --admin-listen '') disables the listener.
     listen: str | None = "127.0.0.1:8082"
 
     @field_validator("listen", mode="before")
@@ -228,13 +239,16 @@ JWT_ALGORITHMS = frozenset(
 class MTLSAuthSettings(_Section):
     """Callers identified by their verified client certificate (needs server.tls.clientCaFile)."""
 
+    # Callers identified by their verified client certificate (needs server.tls.clientCaFile).
     enabled: bool = False
 
 
 class ApiKeyEntry(_Section):
     """An API key, by the SHA-256 (hex) of the key: the key itself is never configured."""
 
+    # The caller's identity (Identity.name) when it presents this key.
     name: str = Field(min_length=1)
+    # The key's SHA-256, 64 hex digits (token-broker apikey hash): never the key itself.
     sha256: str = Field(repr=False)
 
     @field_validator("sha256", mode="before")
@@ -260,7 +274,9 @@ class ApiKeySettings(_Section):
     """`Authorization: Bearer <key>` callers: key hashes inline and/or in a mounted YAML file
     (`keys: [{name: ci-deployer, sha256: <hex>}]`)."""
 
+    # A mounted YAML file with a `keys:` list like the one below, followed while serving.
     file: Path | None = None
+    # Inline {name, sha256} entries.
     keys: tuple[ApiKeyEntry, ...] = ()
 
     @model_validator(mode="after")
@@ -278,17 +294,21 @@ class JwtIssuerSettings(_Section):
     audiences: tuple[str, ...] = ()
     # The issuer's public keys: a JWKS file, or a URL fetched and cached.
     jwks_file: Path | None = None
+    # https (plain http only on a loopback address); exactly one of jwksFile and jwksUrl.
     jwks_url: str | None = None
     # jwksUrl: the CA bundle its TLS certificate must chain to (default: the system's CAs),
     # for an issuer behind a private CA. Read at every fetch, so a rotated bundle counts.
     jwks_ca_file: Path | None = None
+    # Asymmetric algorithms only: `none` and HS* are refused.
     algorithms: tuple[str, ...] = ("RS256", "ES256")
+    # Leeway for exp, nbf and iat.
     clock_skew_seconds: int = Field(default=60, ge=0, le=600)
     # The claim naming the caller.
     identity_claim: str = Field(default="sub", min_length=1)
     # jwksUrl: refetch after this age; unknown `kid`s refetch at most once per min-refresh.
     jwks_cache_seconds: float = Field(default=300.0, gt=0)
     jwks_min_refresh_seconds: float = Field(default=30.0, ge=0)
+    # Bound of one JWKS fetch.
     jwks_fetch_timeout_seconds: float = Field(default=10.0, gt=0)
 
     @field_validator("audiences")
@@ -332,6 +352,7 @@ class JwtIssuerSettings(_Section):
 
 
 class JwtAuthSettings(_Section):
+    # The issuers whose JWTs identify callers (authorization: Bearer <jwt>).
     issuers: tuple[JwtIssuerSettings, ...] = ()
 
     @model_validator(mode="after")
@@ -350,6 +371,7 @@ class UnixSocketAuthSettings(_Section):
     # or whose gid is in allowedGids (the peer credentials the kernel recorded at connect,
     # SO_PEERCRED) may use server.unixSocket; other connections are closed (broker.unix_socket).
     allowed_uids: tuple[Annotated[int, Field(ge=0)], ...] = ()
+    # Empty, with allowedUids empty too: no peer check (the file mode alone decides).
     allowed_gids: tuple[Annotated[int, Field(ge=0)], ...] = ()
 
     @property
@@ -376,6 +398,7 @@ class CacheSettings(_Section):
     rule), then refreshed. Tokens live only in this process's memory.
     """
 
+    # false: every request is a fresh TokenRequest.
     enabled: bool = True
     # LRU bound on cached tokens.
     max_entries: int = Field(default=10_000, ge=1, le=10_000_000)
@@ -391,7 +414,8 @@ class CacheSettings(_Section):
 
 
 class RateSettings(_Section):
-    """One GCRA limit: `rate` requests per second sustained, up to `burst` at once."""
+    """One GCRA limit: `rate` requests per second sustained, up to `burst` at once (in the
+    environment, set both)."""
 
     rate: float = Field(gt=0, allow_inf_nan=False)
     burst: int = Field(ge=1, le=1_000_000)
@@ -458,8 +482,12 @@ class RateLimitSettings(_Section):
     perServiceAccount for the requests they decide.
     """
 
+    # false: no per-caller, per-service-account or global limits (the upstream cap, the 429
+    # feedback and authFailuresPerPeer stay).
     enabled: bool = True
+    # Per caller identity (auth method, issuer and name).
     per_caller: RateSettings | None = RateSettings(rate=10, burst=20)
+    # Per target namespace/serviceaccount, whoever asks.
     per_service_account: RateSettings | None = RateSettings(rate=50, burst=100)
     # All calls to this broker (all replicas, with redis). YAML `global` (a Python keyword).
     global_limit: RateSettings | None = Field(

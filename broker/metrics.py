@@ -268,7 +268,8 @@ class BrokerMetrics:
         self.rate_limit_refusals = Counter(
             "token_broker_rate_limit_refusals",
             "Calls refused by a rate limiter, by its scope: caller, serviceaccount, global "
-            "(RESOURCE_EXHAUSTED), upstream and upstream_retry_after (UNAVAILABLE).",
+            "(RESOURCE_EXHAUSTED), peer (failed authentication per peer address, "
+            "RESOURCE_EXHAUSTED), upstream and upstream_retry_after (UNAVAILABLE).",
             ("scope",),
             registry=r,
         )

@@ -5,7 +5,7 @@ here it is tied to its gRPC status code, its domain, whether retrying can help, 
 `ErrorInfo.metadata` keys it carries, a one-line meaning and what the caller should do. The
 broker raises its refusals from these entries (`BrokerError.of(Reason.X, message, ...)` takes
 the code and domain from the entry), the tests compare with them, and `markdown_table()`
-renders the catalogue for the docs (the README's Errors section holds it, kept in step by a
+renders the catalogue for the docs (docs/troubleshooting.md holds it, kept in step by a
 test).
 
 Two domains:

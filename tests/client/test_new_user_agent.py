@@ -15,7 +15,7 @@ import yaml
 from tests.support.client import run_broker_cli
 from tests.support.suite_secrets import SUITE
 
-# The README's example (section "Sidecar agent"), its paths moved into the test's directory.
+# The docs' example (docs/clients.md, "Sidecar agent"), its paths moved into the test's directory.
 README_AGENT = """
 broker:
   address: broker.example:8443

@@ -50,7 +50,7 @@ def test_the_charts_app_version_is_the_brokers() -> None:
 
 
 def test_image_tags_in_the_docs_are_the_version() -> None:
-    for name in ("README.md", "Dockerfile"):
+    for name in ("docs/helm.md", "Dockerfile"):
         tags = re.findall(r"token-broker:(\d+\.\d+\.\d+)", (ROOT / name).read_text())
         assert tags and set(tags) == {broker.__version__}, name
 

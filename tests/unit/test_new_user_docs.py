@@ -1,104 +1,57 @@
-"""What a new user reads before running anything: the README's own examples do what the README
-says (its example policy, `policy validate`, `policy explain`), its configuration table lists
-every flag of `serve`, the repository's Markdown links lead to files in the repository, and
-`--help` reads right (no "80%%", no internal jargon, the emulator's real command name).
+"""What a new user reads before running anything: the docs' own policy examples do what the
+docs say (the example policy, `policy validate`, `policy explain`), the configuration reference
+lists every flag of `serve`, the repository's Markdown links lead to files in the repository,
+and `--help` reads right (no "80%%", no internal jargon, the emulator's real command name).
 
-The README's examples are found by their content (the later documentation site runs them
-too); a test here fails when an example and what the code does part ways.
+The policy examples are found by their markers in docs/policy.md (the docs' example tests run
+them against dev mode too); a test here fails when an example and what the code does part ways.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-from pathlib import Path
+import shlex
 
 import pytest
-import trustme
 
 from broker.cli import build_parser, main
 from broker.emulator.__main__ import _parser as emulator_parser
-from tests.support.certs import client_cert
 from tests.support.cli import REPO
 
-README = (REPO / "README.md").read_text(encoding="utf-8")
-FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+POLICY_PAGE = (REPO / "docs" / "policy.md").read_text(encoding="utf-8")
+# A generated example of docs/policy.md: its test marker, its command, and what it printed.
+EXAMPLE = re.compile(
+    r"<!-- test: dev; exit (\d+) -->\n```sh\n(.*?)```\n\n```text\n(.*?)```", re.DOTALL
+)
 
 
-def fenced(language: str, containing: str) -> str:
-    """The README's first fenced block of `language` that contains `containing`."""
-    for lang, body in FENCE.findall(README):
-        if lang == language and containing in body:
-            return str(body)
-    raise AssertionError(f"no ```{language} block with {containing!r} in the README")
+def test_the_policy_page_uses_the_example_file() -> None:
+    """The page shows docs/examples/policy.yaml itself (the text and the file are one)."""
+    example = (REPO / "docs" / "examples" / "policy.yaml").read_text(encoding="utf-8")
+    assert f"```yaml\n{example.rstrip()}\n```" in POLICY_PAGE
+    assert "- name: ci-deploys" in example
 
 
-def commands(block: str) -> list[list[str]]:
-    """The commands of a ```sh block: comments dropped, continued lines joined, split like a
-    shell (no variables or quoting beyond plain words in these examples)."""
-    text = re.sub(r"\\\n\s*", " ", block)
-    lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
-    return [line.split() for line in lines if line]
-
-
-@pytest.fixture
-def readme_policy(tmp_path: Path) -> Path:
-    path = tmp_path / "policy.yaml"
-    path.write_text(fenced("yaml", "- name: ci-deploys"))
-    return path
-
-
-@pytest.fixture
-def policy_commands() -> list[list[str]]:
-    found = commands(fenced("sh", "token-broker policy validate policy.yaml"))
-    assert [c[:3] for c in found] == [["token-broker", "policy", "validate"]] + 3 * [
-        ["token-broker", "policy", "explain"]
-    ]
-    return found
-
-
-def run(
-    capsys: pytest.CaptureFixture[str], argv: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch
-) -> tuple[int, str]:
-    monkeypatch.chdir(cwd)
-    assert argv[0] == "token-broker"
-    code = main(argv[1:])
-    out, err = capsys.readouterr()
-    return code, out + err
-
-
-def test_policy_validate_prints_what_the_readme_says(
-    readme_policy: Path,
-    policy_commands: list[list[str]],
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+def test_policy_examples_print_what_the_docs_show(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    block = fenced("sh", "token-broker policy validate policy.yaml")
-    [promised] = re.findall(r'exit 0: "([^"]+)"', block)
-    code, out = run(capsys, policy_commands[0], readme_policy.parent, monkeypatch)
-    assert (code, out) == (0, promised + "\n")
-
-
-def test_policy_explain_examples_decide_as_the_readme_says(
-    readme_policy: Path,
-    policy_commands: list[list[str]],
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # The certificate the second example stands for: a SPIFFE ID under ci/.
-    cert, _ = client_cert(trustme.CA(), uris=("spiffe://example.org/ci/runner",))
-    (readme_policy.parent / "client.crt").write_bytes(cert)
-    jwt_caller, certificate, dns_name = policy_commands[1:]
-
-    code, out = run(capsys, jwt_caller, readme_policy.parent, monkeypatch)
-    assert code == 0 and out.startswith("allowed\n"), out
-    assert "expiration: 3600s" in out  # the 2h asked for, capped by maxExpiration
-    code, out = run(capsys, certificate, readme_policy.parent, monkeypatch)
-    assert code == 0 and out.startswith("allowed\n"), out
-    # Denied on purpose, as the README says, and why.
-    code, out = run(capsys, dns_name, readme_policy.parent, monkeypatch)
-    assert code == 1 and "reason:     NO_MATCHING_RULE" in out, out
-    assert "the certificate has no URI SAN" in out
+    """`policy validate` and each `policy explain` of docs/policy.md, run as written from the
+    repository's root, exit and print as the page says (was: "valid, 3 rules" for a policy of
+    one rule, and an example its own policy denied)."""
+    found = EXAMPLE.findall(POLICY_PAGE)
+    assert len(found) >= 4, found
+    monkeypatch.chdir(REPO)
+    for exit_code, command, output in found:
+        argv = shlex.split(command.replace("\\\n", " "))
+        assert argv[0] == "token-broker"
+        code = main(argv[1:])
+        out, err = capsys.readouterr()
+        assert (code, out + err) == (int(exit_code), output), command
+    outputs = [output for _, _, output in found]
+    assert outputs[0].endswith(": valid, 1 rule\n")
+    assert any("reason:     NO_MATCHING_RULE" in out for out in outputs)
+    assert any("expiration: 3600s" in out for out in outputs)  # the 2h asked for, capped
 
 
 def serve_flags() -> set[str]:
@@ -108,10 +61,13 @@ def serve_flags() -> set[str]:
     return {s for a in serve._actions for s in a.option_strings if s.startswith("--")}
 
 
-def test_the_configuration_table_lists_every_flag_of_serve() -> None:
-    table = README.split("### Configuration reference", 1)[1].split("\n\n", 2)[1]
+def test_the_configuration_reference_lists_every_flag_of_serve() -> None:
+    """docs/configuration.md's generated table names every flag of `serve` (it lacked
+    --admin-listen when it was written by hand)."""
+    text = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
+    table = text.split("<!-- BEGIN GENERATED: settings -->")[1].split("<!-- END GENERATED")[0]
     rows = [line for line in table.splitlines() if line.startswith("| `")]
-    flags_column = " ".join(row.rstrip(" |").rsplit("|", 1)[1] for row in rows)
+    flags_column = " ".join(row.split(" | ")[3] for row in rows)
     # Not settings: --help, the file itself, the number of processes (`serve --workers`).
     missing = serve_flags() - {"--help", "--config", "--workers"}
     missing = {flag for flag in missing if f"`{flag}`" not in flags_column}

@@ -1,5 +1,5 @@
 """The catalogue of ErrorInfo reasons (broker/reasons.py): complete, consistent with the code
-that raises the refusals, and the README's table generated from it."""
+that raises the refusals, and the docs' table (docs/troubleshooting.md) generated from it."""
 
 from __future__ import annotations
 
@@ -29,13 +29,16 @@ from broker.reasons import (
 from broker.upstream import _status_failure
 
 PACKAGE = Path(broker.__file__).parent
-README = PACKAGE.parent / "README.md"
+REPO = PACKAGE.parent
+# The README and the documentation site's pages: wherever a reason is named.
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+TROUBLESHOOTING = REPO / "docs" / "troubleshooting.md"
 NAMES = {reason.value for reason in Reason}
 # The one place that builds a BrokerError without a catalogue entry: the relayed family
 # KUBERNETES_<REASON>, whose reason is the API server's (checked below over every status).
 RELAY = ("upstream.py", "_status_failure")
-TABLE_BEGIN = "<!-- reasons:begin (generated from broker/reasons.py: markdown_table) -->"
-TABLE_END = "<!-- reasons:end -->"
+TABLE_BEGIN = "<!-- BEGIN GENERATED: reasons -->"
+TABLE_END = "<!-- END GENERATED: reasons -->"
 
 
 def broker_modules() -> Iterator[tuple[str, ast.Module]]:
@@ -243,10 +246,10 @@ def test_every_relayed_answer_is_of_the_family(body_reason: str) -> None:
 # --- the docs -------------------------------------------------------------------------------------
 
 
-def test_readme_errors_table_is_the_generated_one() -> None:
-    """README.md's reason table is markdown_table() between the markers (regenerate it with
-    `python -c 'from broker.reasons import markdown_table; print(markdown_table())'`)."""
-    text = README.read_text()
+def test_docs_errors_table_is_the_generated_one() -> None:
+    """docs/troubleshooting.md's reason table is markdown_table() between the markers
+    (regenerate it with `make docs-gen`)."""
+    text = TROUBLESHOOTING.read_text()
     assert text.count(TABLE_BEGIN) == 1 and text.count(TABLE_END) == 1
     block = text.split(TABLE_BEGIN)[1].split(TABLE_END)[0]
     assert block.strip("\n") == markdown_table().strip("\n")
@@ -255,18 +258,19 @@ def test_readme_errors_table_is_the_generated_one() -> None:
         assert f"`{reason.value}`" in table
 
 
-# Backticked UPPER_SNAKE names in the README that are not reasons: gRPC codes and health
+# Backticked UPPER_SNAKE names in the README and docs that are not reasons: gRPC codes and health
 # statuses, environment variables, system constants, the audit line's outcome names.
 NOT_REASONS = re.compile(
     r"TOKEN_BROKER_\w+|\w+_PROXY|KUBERNETES_EXEC_INFO|SO_\w+|O_\w+|SIG\w+|E[A-Z]+|SETTINGS_\w+"
-    r"|(NOT_)?SERVING|TYPE_CHECKING|PATH"
+    r"|(NOT_)?SERVING|TYPE_CHECKING|PATH|BLOCKS"
 )
 
 
-def test_readme_names_only_catalogued_reasons() -> None:
-    """Wherever the README names a reason (tables of its own in other sections included), it is
-    one the catalogue has."""
-    names = set(re.findall(r"`([A-Z][A-Z0-9_]{3,})`", README.read_text()))
+def test_docs_name_only_catalogued_reasons() -> None:
+    """Wherever the README or a page of the docs names a reason (tables of its own in other
+    sections included), it is one the catalogue has."""
+    text = "\n".join(path.read_text() for path in DOCUMENTS)
+    names = set(re.findall(r"`([A-Z][A-Z0-9_]{3,})`", text))
     codes = {code.name for code in grpc.StatusCode}
     unknown = {
         name

@@ -112,7 +112,11 @@ async def test_json_body_json_answer(
     (line,) = audit_lines(tmp_path)
     assert line["door"] == "http-kubernetes"
     assert line["requestID"] == "req-http-1"
-    assert (line["decision"], line["user"], line["jti"]) == ("allowed", "test-caller", claims["jti"])
+    assert (line["decision"], line["user"], line["jti"]) == (
+        "allowed",
+        "test-caller",
+        claims["jti"],
+    )
 
 
 async def test_protobuf_body_and_answer(
@@ -128,9 +132,7 @@ async def test_protobuf_body_and_answer(
     body = wire.encode_envelope(
         message.SerializeToString(), "authentication.k8s.io/v1", "TokenRequest"
     )
-    answer = await kube_post(
-        door, pki, body, content_type=PROTOBUF, accept=f"{PROTOBUF},{JSON}"
-    )
+    answer = await kube_post(door, pki, body, content_type=PROTOBUF, accept=f"{PROTOBUF},{JSON}")
     assert answer.status == 201, answer.body
     assert answer.headers["Content-Type"].startswith(PROTOBUF)
     envelope = wire.decode_envelope(answer.body)
@@ -276,9 +278,7 @@ async def test_grpc_and_http_share_the_cache(
     policy_file: Path,
     emulator: Emulator,
 ) -> None:
-    settings = http_settings(
-        kubernetes_settings, pki, policy=policy_file, cache={"enabled": True}
-    )
+    settings = http_settings(kubernetes_settings, pki, policy=policy_file, cache={"enabled": True})
     async with BrokerServer(settings) as server:
         first = await kube_post(server, pki, token_request_body([AUDIENCE]))
         second = await kube_post(server, pki, token_request_body([AUDIENCE]))

@@ -168,14 +168,14 @@ async def test_renewed_certificate_is_served_to_new_connections(
 
 
 async def test_settings_refused(kubernetes_settings: KubernetesSettings, pki: HttpPki) -> None:
-    with pytest.raises(ConfigError, match="server.httpListen: plaintext is only allowed"):
+    with pytest.raises(ConfigError, match=r"server\.httpListen: plaintext is only allowed"):
         await BrokerServer(
             http_settings(kubernetes_settings, pki, tls=False, httpListen="0.0.0.0:0")
         ).start()
     async with BrokerServer(http_settings(kubernetes_settings, pki)) as running:
         busy = running.http_address
         assert busy is not None
-        with pytest.raises(ConfigError, match="server.httpListen"):
+        with pytest.raises(ConfigError, match=r"server\.httpListen"):
             await BrokerServer(http_settings(kubernetes_settings, pki, httpListen=busy)).start()
 
 

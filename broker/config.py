@@ -110,6 +110,15 @@ class ServerSettings(_Section):
         ),
     )
 
+    http_tls: TLSSettings | None = Field(
+        default=None,
+        description=(
+            "TLS of the HTTP door when it is not `server.tls` (another certificate for the "
+            "HTTP door, or HTTPS there while gRPC is plaintext in dev mode); default: "
+            "`server.tls`. Its files are followed and reloaded like `server.tls`'s."
+        ),
+    )
+
     @field_validator("http_listen", mode="before")
     @classmethod
     def _http_disabled(cls, value: object) -> object:
@@ -700,7 +709,7 @@ def _check_listener_security(settings: Settings, listen: str, key: str) -> None:
     """check_transport_security's rule for one more TCP listener that serves tokens."""
     server = settings.server
     split_host_port(listen, key)
-    if server.tls is not None:
+    if server.tls is not None or server.http_tls is not None:
         return
     if not (server.allow_plaintext or settings.dev):
         raise ConfigError(

@@ -262,6 +262,12 @@ class BrokerServer:
         cfg = self.settings.server
         check_transport_security(self.settings)
         certificates = await ServerCertificates(cfg.tls).open() if cfg.tls is not None else None
+        # The HTTP door's own certificate (server.httpTls), else gRPC's.
+        http_certificates = (
+            await ServerCertificates(cfg.http_tls).open()
+            if cfg.http_tls is not None and cfg.http_listen is not None
+            else certificates
+        )
         if cfg.unix_socket is not None:
             await remove_stale_socket(cfg.unix_socket)
         # On failure (or cancellation) the stack unwinds what was built; on success its
@@ -295,10 +301,17 @@ class BrokerServer:
                 ReflectionServicer([SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME]),
                 observed,
             )
-            listeners = await self._listen(stack, server, certificates, servicer.path)
+            listeners = await self._listen(
+                stack, server, certificates, http_certificates, servicer.path
+            )
             reloading: tuple[ReloadingFiles[Any], ...] = (
                 *([parts.policy] if isinstance(parts.policy, PolicyStore) else []),
                 *([certificates.files] if certificates is not None else []),
+                *(
+                    [http_certificates.files]
+                    if http_certificates is not None and http_certificates is not certificates
+                    else []
+                ),
                 *parts.authenticator.reloading_files(),
             )
             for files in reloading:
@@ -406,6 +419,7 @@ class BrokerServer:
         stack: contextlib.AsyncExitStack,
         server: aio.Server,
         certificates: ServerCertificates | None,
+        http_certificates: ServerCertificates | None,
         path: RequestPath,
     ) -> _Listeners:
         """Bind the gRPC listeners and start serving, then the HTTP door, the health and admin
@@ -426,7 +440,7 @@ class BrokerServer:
         http = None
         if cfg.http_listen is not None:
             http = HttpDoor(
-                cfg.http_listen, path, certificates=certificates, reuse_port=self._reuse_port
+                cfg.http_listen, path, certificates=http_certificates, reuse_port=self._reuse_port
             )
             await http.start()
             # After `stop()`'s graceful stop of it, a no-op.

@@ -21,8 +21,9 @@ The rules behind the table:
 - What may succeed later (the API server unreachable or overloaded, the broker's own
   credentials refused upstream, the audit sink, shutting down) is 503 `ServiceUnavailable`, with
   `Retry-After` when the error knows a delay; timeouts are 504 `Timeout`.
-- 500 `InternalError` only for what is truly internal: a bug, an API server that answers
-  nonsense to the broker, or a token the API server minted longer than the policy allows.
+- 500 `InternalError` only for what is truly internal: a bug, an API server that does not
+  serve TokenRequest as the broker calls it (405, 406, 410, 415 to the broker), or a token the
+  API server minted longer than the policy allows.
 - Relayed answers of the API server keep its status where it is the caller's business (400,
   404, 409, 413, 422, 429; 403 is the broker's RBAC, still a refusal for this service
   account); its 401 (the broker's credentials) and 5xx are 503.
@@ -86,7 +87,7 @@ ANSWERS: Final[dict[Reason, HttpAnswer]] = {
     Reason.TOKEN_CACHE_CLOSED: _UNAVAILABLE,
     Reason.UPSTREAM_TIMEOUT: _TIMEOUT,
     Reason.KUBERNETES_UNREACHABLE: _UNAVAILABLE,
-    Reason.KUBERNETES_INVALID_RESPONSE: _INTERNAL,
+    Reason.KUBERNETES_INVALID_RESPONSE: _UNAVAILABLE,
     Reason.TOKEN_LIFETIME_EXCEEDS_POLICY: _INTERNAL,
     Reason.AUDIT_UNAVAILABLE: _UNAVAILABLE,
     Reason.INTERNAL: _INTERNAL,

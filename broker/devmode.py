@@ -41,8 +41,7 @@ import yaml
 
 from broker.authn_apikeys import generate_api_key, hash_api_key
 from broker.config import Settings, TLSSettings, split_host_port
-from broker.emulator import Emulator
-from broker.emulator.pki import generate_pki
+from broker.emulator import Emulator, generate_pki
 from broker.listen_ports import bind_error
 from broker.policy import DEV_POLICY_FILE
 from broker.server import BrokerServer, serve_until_signal, signals_while_starting

@@ -53,9 +53,9 @@ from aiohttp import web
 
 from broker import http_kubernetes as kube
 from broker import http_oauth as oauth
+from broker.apiserver import status as kstatus
 from broker.config import ConfigError, split_host_port
 from broker.credentials import Credentials
-from broker.emulator import status as kstatus
 from broker.errors import BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.http_errors import retry_after_header

@@ -12,8 +12,8 @@ indented with `pretty`), or a refusal into a `Status` (broker.http_errors has th
 
 What kube-apiserver checks before its token handler (the body's media type 415, decoding 400,
 strict field validation 400, the body's apiVersion 400, its namespace against the URL's 400)
-is checked here, with the API server's texts (the emulator's decoders, which mirror them:
-broker.emulator.body, broker.emulator.status); such a refusal is the call's
+is checked here, with the API server's texts (broker.apiserver, which the emulator shares:
+broker.apiserver.body, broker.apiserver.status); such a refusal is the call's
 `TokenCall.refusal`, answered after authentication, so an unauthenticated caller still learns
 nothing but 401. Everything else (validation, policy, rate limits, cache, upstream, audit)
 is the request path's, as on gRPC.
@@ -29,9 +29,9 @@ from typing import Any
 
 from multidict import MultiMapping
 
-from broker.emulator import status as kstatus
-from broker.emulator import wire
-from broker.emulator.body import (
+from broker.apiserver import status as kstatus
+from broker.apiserver import wire
+from broker.apiserver.body import (
     GROUP,
     GROUP_VERSION,
     KIND,

@@ -29,9 +29,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
+from broker.apiserver import wire
 from broker.audit import MAX_AUDIT_LINE_BYTES
 from broker.config import KubernetesSettings
-from broker.emulator import Emulator, wire
+from broker.emulator import Emulator
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.server import BrokerServer
 from tests.support.fuzz import FUZZ_SETTINGS, captured_logs, marker, token_claims

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
+from broker.apiserver import wire
 from broker.config import KubernetesSettings
-from broker.emulator import Emulator, wire
+from broker.emulator import Emulator
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.server import BrokerServer
 from tests.support.http_door import (

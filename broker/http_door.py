@@ -39,13 +39,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
 import ssl
 import tempfile
 import time
 import traceback
 import urllib.parse
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +52,12 @@ from aiohttp import web
 from broker import http_kubernetes as kube
 from broker import http_oauth as oauth
 from broker.apiserver import status as kstatus
-from broker.config import ConfigError, split_host_port
+from broker.config import split_host_port
 from broker.credentials import Credentials
 from broker.errors import BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.http_errors import retry_after_header
-from broker.listen_ports import listen_error
+from broker.listen_ports import bind_listener
 from broker.logs import bind_request_id
 from broker.metrics import BrokerMetrics
 from broker.reasons import Reason
@@ -189,31 +187,6 @@ def _tls_context(material: ServerTLSMaterial) -> ssl.SSLContext:
     return context
 
 
-def _bind(host: str, port: int, listen: str, *, reuse_port: bool) -> socket.socket:
-    key = "server.httpListen"
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError as exc:
-        raise ConfigError(f"{key}: cannot listen on {listen}: {exc}") from None
-    family, socktype, proto, _, address = infos[0]
-    sock = socket.socket(family, socktype, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Only the workers of `serve --workers N` share the port (as gRPC's listener).
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
-        sock.listen(1024)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise listen_error(key, listen, exc.strerror or str(exc)) from None
-    return sock
-
-
-Handler = Callable[[web.Request, str], Awaitable[tuple[web.Response, TokenCall | None]]]
-
-
 class HttpDoor:
     """The HTTP door's listener. `start()`, then `stop(grace)`."""
 
@@ -250,8 +223,10 @@ class HttpDoor:
         return app
 
     async def start(self) -> None:
-        host, port = split_host_port(self.listen, "server.httpListen")
-        sock = _bind(host.strip("[]"), port, self.listen, reuse_port=self._reuse_port)
+        host, _ = split_host_port(self.listen, "server.httpListen")
+        sock = bind_listener(
+            self.listen, "server.httpListen", reuse_port=self._reuse_port, backlog=1024
+        )
         runner = web.AppRunner(
             self.build_app(),
             access_log=None,

@@ -185,8 +185,8 @@ class AuditRecord:
     # the previous line for that peer; the key is only written when set.
     suppressed_refusals: int | None = None
     # The door the call came through: grpc, http-kubernetes or http-oauth
-    # (broker.request_path.DOORS).
-    door: str = "grpc"
+    # (broker.request_path.DOORS); None: a summary of refusals, whichever door they came to.
+    door: str | None = "grpc"
 
     def __post_init__(self) -> None:
         if self.time.tzinfo is None:
@@ -209,7 +209,7 @@ class AuditRecord:
         cache_hit: bool = False,
         time: datetime | None = None,
         suppressed_refusals: int | None = None,
-        door: str = "grpc",
+        door: str | None = "grpc",
     ) -> AuditRecord:
         """The record of one CreateToken call.
 

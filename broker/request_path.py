@@ -264,6 +264,7 @@ class RequestPath:
                 latency_ms=0.0,
                 error=peer_throttled(0.0),  # what those calls were answered
                 suppressed_refusals=summary.suppressed,
+                door=None,  # the peer's refusals, through any door
             )
             # A failure is the audit log's to report; no call waits for this line.
             with contextlib.suppress(AuditWriteError):

@@ -78,6 +78,7 @@ access_logger = logging.getLogger("broker.access")
 MAX_BODY_BYTES = 1024 * 1024
 MAX_LINE_BYTES = 8190
 MAX_HEADERS = 100
+LINGERING_SECONDS = 2.0
 HANDLER_KUBERNETES = "kubernetes-token"
 HANDLER_OAUTH = "oauth-token"
 HANDLER_OTHER = "other"
@@ -234,6 +235,10 @@ class HttpDoor:
             max_line_size=MAX_LINE_BYTES,
             max_field_size=MAX_LINE_BYTES,
             max_headers=MAX_HEADERS,
+            # After an answer that did not read the whole body (413, 408, 404), what is left
+            # is read and dropped for this long so that the client sees the answer (not a
+            # reset); bounded, as a stop waits for it.
+            lingering_time=LINGERING_SECONDS,
         )
         try:
             await runner.setup()
@@ -299,6 +304,9 @@ class HttpDoor:
                     request, kstatus.internal_error("internal error in the token broker")
                 )
             response.headers[_REQUEST_ID_HEADER] = request_id
+            if response.status in (408, 413):
+                # The rest of the body is not waited for: no keep-alive after this answer.
+                response.force_close()
             elapsed = time.monotonic() - started
             self._observe(handler_name, method, response.status, elapsed)
             level = logging.DEBUG if call is not None and call.quiet else logging.INFO

@@ -63,7 +63,7 @@ def http_settings(
     if tls:
         server["tls"] = {"certFile": str(pki.server.cert), "keyFile": str(pki.server.key)}
         if client_ca:
-            server["tls"] |= {"clientCaFile": str(pki.server.ca_file), "requireClientCert": False}
+            server["tls"] |= {"clientCaFile": str(pki.server.ca_file), "requireClientCert": True}
     else:
         server["allowPlaintext"] = True
     authentication: dict[str, Any] = {

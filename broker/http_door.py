@@ -304,6 +304,9 @@ class HttpDoor:
                     request, kstatus.internal_error("internal error in the token broker")
                 )
             response.headers[_REQUEST_ID_HEADER] = request_id
+            if handler_name == HANDLER_KUBERNETES:
+                # kube-apiserver's name for the id its audit events carry.
+                response.headers["Audit-Id"] = request_id
             if response.status in (408, 413):
                 # The rest of the body is not waited for: no keep-alive after this answer.
                 response.force_close()

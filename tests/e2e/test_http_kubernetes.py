@@ -98,6 +98,7 @@ async def test_json_body_json_answer(
     assert answer.status == 201, answer.body
     assert answer.headers["Content-Type"].startswith(JSON)
     assert answer.headers["X-Request-Id"] == "req-http-1"
+    assert answer.headers["Audit-Id"] == "req-http-1"
     body = answer.json()
     assert (body["kind"], body["apiVersion"]) == ("TokenRequest", "authentication.k8s.io/v1")
     assert body["metadata"]["name"] == SERVICE_ACCOUNT
@@ -145,6 +146,23 @@ async def test_protobuf_body_and_answer(
     claims = claims_of(emulator, token_request.status.token)
     assert claims["kubernetes.io"]["pod"]["name"] == POD
     assert token_request.status.expiration_timestamp.seconds == claims["exp"]
+
+
+async def test_yaml_body(door: BrokerServer, pki: HttpPki, emulator: Emulator) -> None:
+    body = yaml.safe_dump(token_request_body([AUDIENCE], 1200)).encode()
+    answer = await kube_post(door, pki, body, content_type="application/yaml")
+    assert answer.status == 201, answer.body
+    assert answer.json()["spec"]["expirationSeconds"] == 1200
+
+
+async def test_unknown_fields_warn_or_are_refused(door: BrokerServer, pki: HttpPki) -> None:
+    body = {**token_request_body([AUDIENCE]), "extra": 1}
+    answer = await kube_post(door, pki, body)
+    assert answer.status == 201, answer.body
+    assert answer.headers.getall("Warning") == ['299 - "unknown field \\"extra\\""']
+    strict = await kube_post(door, pki, body, path=TOKEN_PATH + "?fieldValidation=Strict")
+    assert strict.status == 400
+    assert 'strict decoding error: unknown field "extra"' in strict.json()["message"]
 
 
 async def test_pretty_and_query_parameters(

@@ -40,6 +40,20 @@ def test_enabled_opens_the_port_everywhere_it_must() -> None:
     assert container["livenessProbe"]["httpGet"]["port"] == "admin"
 
 
+def test_the_external_service_exposes_it_too() -> None:
+    external = {"enabled": True, "type": "LoadBalancer", "port": 443}
+    off = render(merged(PRODUCTION, service={"external": external}))
+    on = render(
+        merged(PRODUCTION, service={"external": external}, http={"enabled": True, "port": 8444})
+    )
+    name = f"{FULLNAME}-external"
+    assert [p["name"] for p in one(off, "Service", name)["spec"]["ports"]] == ["grpc"]
+    ports = {
+        p["name"]: (p["port"], p["targetPort"]) for p in one(on, "Service", name)["spec"]["ports"]
+    }
+    assert ports == {"grpc": (443, "grpc"), "https": (8444, "https")}
+
+
 def test_schema_refuses_a_bad_port() -> None:
     error = render_error(merged(PRODUCTION, http={"enabled": True, "port": 0}))
     assert "at '/http/port'" in error

@@ -9,7 +9,10 @@ Two kinds of load:
 - "grpc": raw bytes over a grpc.aio channel (no protobuf work on the client: the request is
   serialized once, the response is not parsed), to a broker or the bare server;
 - "kube": the broker's own upstream path without the broker, `UpstreamClient.create_token`
-  (kubernetes.aio) against the emulator.
+  (kubernetes.aio) against the emulator;
+- "http": the broker's HTTP door (broker.http_door), raw aiohttp POSTs of a TokenRequest body
+  (JSON) to `target` (a URL), `channels` keep-alive connections per process, the answer read
+  whole and not parsed.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ METHOD = "/tokenbroker.v1.TokenBrokerService/CreateToken"
 
 @dataclass(frozen=True)
 class LoadSpec:
-    kind: Literal["grpc", "kube"]
+    kind: Literal["grpc", "kube", "http"]
     # Per process.
     requests: int
     concurrency: int
@@ -105,6 +108,33 @@ async def _grpc_load(spec: LoadSpec, ready: Any, go: Any) -> ProcessResult:
             await ch.close()
 
 
+async def _http_load(spec: LoadSpec, ready: Any, go: Any) -> ProcessResult:
+    import aiohttp
+
+    headers = {"Content-Type": "application/json", **dict(spec.metadata)}
+    # One session (a pool of keep-alive connections) per channel, as gRPC's channels.
+    sessions = [
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) for _ in range(spec.channels)
+    ]
+    timeout = aiohttp.ClientTimeout(total=spec.timeout)
+
+    async def call(i: int, request: bytes = spec.request) -> None:
+        async with sessions[i % len(sessions)].post(
+            spec.target, data=request, headers=headers, timeout=timeout
+        ) as response:
+            await response.read()
+            if response.status != 201:
+                raise RuntimeError(f"HTTP {response.status}")
+
+    try:
+        for i in range(len(sessions)):
+            await call(i, spec.warmup or spec.request)
+        return await _closed_loop(spec, ready, go, call)
+    finally:
+        for session in sessions:
+            await session.close()
+
+
 async def _kube_load(spec: LoadSpec, ready: Any, go: Any) -> ProcessResult:
     from pathlib import Path
 
@@ -164,7 +194,7 @@ async def _closed_loop(spec: LoadSpec, ready: Any, go: Any, call: Any) -> Proces
 
 def _process_main(spec: LoadSpec, ready: Any, go: Any, conn: Connection) -> None:
     try:
-        run = _grpc_load if spec.kind == "grpc" else _kube_load
+        run = {"grpc": _grpc_load, "kube": _kube_load, "http": _http_load}[spec.kind]
         result = asyncio.run(run(spec, ready, go))
         conn.send(result)
     except BaseException as exc:

@@ -9,6 +9,8 @@ is read from /proc. The API-server emulator (broker.emulator) runs in a process 
    the request received inside the call): the most any broker answering as this one does
    could reach;
 2. the broker on cache hits (cache on, one caller, identical requests, rate limits off);
+   2h. the same through the HTTP door (a Kubernetes TokenRequest as JSON, over keep-alive
+   HTTP/1.1 connections; broker.http_door), after case 2's rounds, on the same broker;
 3. the broker on cache misses (cache off) against the emulator, next to
 4. the emulator called directly with the broker's upstream client (UpstreamClient.create_token,
    kubernetes.aio), the same concurrency;
@@ -98,6 +100,15 @@ def request_bytes(expiration_seconds: int = 3600) -> bytes:
 
 
 METADATA = (("authorization", f"Bearer {CALLER_KEY}"),)
+HTTP_TOKEN_PATH = f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts/{SERVICE_ACCOUNT}/token"
+# The benchmark request as the HTTP door's Kubernetes TokenRequest body.
+HTTP_BODY = json.dumps(
+    {
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenRequest",
+        "spec": {"audiences": [AUDIENCE], "expirationSeconds": 3600},
+    }
+).encode()
 
 
 def grpc_spec(target: str, total: int, **kw: Any) -> LoadSpec:
@@ -257,8 +268,10 @@ def run_cases(workdir: Path, scale: float) -> tuple[list[Row], dict[str, Any]]:
     emulator = EmulatorHost(workdir)
     try:
         # --- the broker with its cache: 5 (cold), then 2 (warm) ----------------------------
-        port = free_port()
-        config = write_broker_config(workdir, emulator.kubeconfig, cache=True, port=port)
+        port, http_port = free_port(), free_port()
+        config = write_broker_config(
+            workdir, emulator.kubeconfig, cache=True, port=port, http_port=http_port
+        )
         broker = BrokerProcess(config, workdir, port=port)
         try:
             log(f"5: a burst of {BURST} identical requests on a cold cache")
@@ -345,6 +358,26 @@ def run_cases(workdir: Path, scale: float) -> tuple[list[Row], dict[str, Any]]:
                 result, cpu, _, notes = best_round(rounds[case])
                 rows.append(row(case, name, result, cpu, None, **notes))
             summary["cache_hits"] = best_round(rounds["2"])[3]
+
+            log(f"2h: the broker on cache hits through the HTTP door; {ROUNDS} rounds")
+            http_hits = LoadSpec(
+                kind="http",
+                target=f"http://127.0.0.1:{http_port}{HTTP_TOKEN_PATH}",
+                request=HTTP_BODY,
+                metadata=(("Authorization", f"Bearer {CALLER_KEY}"),),
+                requests=max(1, counts["hits"] // PROCESSES),
+                concurrency=CONCURRENCY,
+                channels=CHANNELS,
+                max_seconds=MAX_SECONDS,
+            )
+
+            def hits_http() -> Measured:
+                return (*load(http_hits, broker.pids, None), {})
+
+            result, cpu, _, notes = best_of(ROUNDS, hits_http)
+            rows.append(
+                row("2h", "broker, cache hits, HTTP door (JSON)", result, cpu, None, **notes)
+            )
             summary["round_ratios"] = {
                 "hits_vs_bare": round_ratios(rounds["2"], rounds["1"]),
                 "floor_vs_bare": round_ratios(rounds["1b"], rounds["1"]),

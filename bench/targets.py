@@ -252,7 +252,10 @@ class EmulatorHost:
 # --- the broker, as `token-broker serve` runs it ----------------------------------------------
 
 
-def write_broker_config(workdir: Path, kubeconfig: Path, *, cache: bool, port: int) -> Path:
+def write_broker_config(
+    workdir: Path, kubeconfig: Path, *, cache: bool, port: int, http_port: int | None = None
+) -> Path:
+    """`http_port`: also serve the HTTP door there (plaintext on loopback, as gRPC here)."""
     from broker.authn_apikeys import hash_api_key
 
     policy = workdir / "policy.yaml"
@@ -261,7 +264,11 @@ def write_broker_config(workdir: Path, kubeconfig: Path, *, cache: bool, port: i
     config.write_text(
         yaml.safe_dump(
             {
-                "server": {"listen": f"127.0.0.1:{port}", "allowPlaintext": True},
+                "server": {
+                    "listen": f"127.0.0.1:{port}",
+                    "allowPlaintext": True,
+                    **({"httpListen": f"127.0.0.1:{http_port}"} if http_port else {}),
+                },
                 "kubernetes": {"mode": "kubeconfig", "kubeconfig": str(kubeconfig)},
                 "authentication": {
                     "apiKeys": {"keys": [{"name": CALLER, "sha256": hash_api_key(CALLER_KEY)}]}

@@ -13,14 +13,13 @@ few seconds.
 from __future__ import annotations
 
 import logging
-import socket
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from broker.config import ConfigError, split_host_port
-from broker.listen_ports import listen_error
+from broker.config import split_host_port
+from broker.listen_ports import bind_listener
 from broker.readiness import Readiness
 
 logger = logging.getLogger(__name__)
@@ -58,8 +57,8 @@ class AdminServer:
 
     async def start(self) -> None:
         """Bind and serve; ConfigError (naming admin.listen) when the address is unusable."""
-        host, port = split_host_port(self.listen, "admin.listen")
-        sock = _bind(host.strip("[]"), port, self.listen)
+        host, _ = split_host_port(self.listen, "admin.listen")
+        sock = bind_listener(self.listen, "admin.listen")
         runner = web.AppRunner(
             self.build_app(),
             access_log=None,
@@ -96,22 +95,3 @@ class AdminServer:
         return web.Response(
             status=503, text=f"not ready: {state.reason}\n", content_type="text/plain"
         )
-
-
-def _bind(host: str, port: int, listen: str) -> socket.socket:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError as exc:
-        raise ConfigError(f"admin.listen: cannot listen on {listen}: {exc}") from None
-    family, socktype, proto, _, address = infos[0]
-    sock = socket.socket(family, socktype, proto)
-    try:
-        # SO_REUSEADDR (restart over TIME_WAIT) but not SO_REUSEPORT: a busy port fails.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(128)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise listen_error("admin.listen", listen, exc.strerror or str(exc)) from None
-    return sock

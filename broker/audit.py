@@ -184,6 +184,9 @@ class AuditRecord:
     # Refusals of a throttled peer (reason PEER_THROTTLED) not audited line by line since
     # the previous line for that peer; the key is only written when set.
     suppressed_refusals: int | None = None
+    # The door the call came through: grpc, http-kubernetes or http-oauth
+    # (broker.request_path.DOORS); None: a summary of refusals, whichever door they came to.
+    door: str | None = "grpc"
 
     def __post_init__(self) -> None:
         if self.time.tzinfo is None:
@@ -206,6 +209,7 @@ class AuditRecord:
         cache_hit: bool = False,
         time: datetime | None = None,
         suppressed_refusals: int | None = None,
+        door: str | None = "grpc",
     ) -> AuditRecord:
         """The record of one CreateToken call.
 
@@ -274,6 +278,7 @@ class AuditRecord:
             token_lifetime_seconds=lifetime,
             time=time if time is not None else _utc_now(),
             suppressed_refusals=suppressed_refusals,
+            door=door,
         )
 
     def to_dict(
@@ -292,6 +297,7 @@ class AuditRecord:
             "issuer": _bounded_or_none(self.issuer, limit),
             "certificateField": self.certificate_field,
             "peer": _bounded_or_none(self.peer, limit),
+            "door": self.door,
             "namespace": bounded(self.namespace, limit),
             "serviceAccount": bounded(self.service_account, limit),
             "audiences": (
@@ -338,14 +344,14 @@ def _dumps(entry: dict[str, Any]) -> str:
 # What `_dumps` makes of a str (ensure_ascii).
 _json_str: Callable[[str], str] = json.encoder.encode_basestring_ascii
 # Stand-ins for the fields an AuditTemplate fills in (a NUL no value of a line holds twice).
-_TEMPLATE_FIELDS = ("time", "requestID", "peer", "latencyMs")
+_TEMPLATE_FIELDS = ("time", "requestID", "peer", "door", "latencyMs")
 _MARKS = tuple(f"\x00{name}\x00" for name in _TEMPLATE_FIELDS)
 
 
 class AuditTemplate:
     """The line of one kind of call, rendered once: an AuditRecord's line with its `time`,
-    `requestID`, `peer` and `latencyMs` left open. `line()` fills them in, giving exactly the
-    line `to_json()` gives for the same record with those four values (a cache hit's line:
+    `requestID`, `peer`, `door` and `latencyMs` left open. `line()` fills them in, giving
+    exactly the line `to_json()` gives for the same record with those values (a cache hit's line:
     the request path keeps one per decision and cached token)."""
 
     __slots__ = ("_parts",)
@@ -374,7 +380,13 @@ class AuditTemplate:
         return cls(tuple(parts))
 
     def line(
-        self, *, request_id: str, peer: str | None, latency_ms: float, now: float
+        self,
+        *,
+        request_id: str,
+        peer: str | None,
+        latency_ms: float,
+        now: float,
+        door: str = "grpc",
     ) -> str | None:
         """The line (no newline) of a call at `now` (seconds since the epoch); None when it
         would be longer than a line may be (then `AuditRecord.to_json()` bounds it)."""
@@ -382,7 +394,7 @@ class AuditTemplate:
         line = (
             f'{p[0]}"{rfc3339_micro_at(now)}"{p[1]}{_json_str(bounded(request_id))}{p[2]}'
             f"{'null' if peer is None else _json_str(bounded(peer))}{p[3]}"
-            f"{round(latency_ms, 3)!r}{p[4]}"
+            f"{_json_str(door)}{p[4]}{round(latency_ms, 3)!r}{p[5]}"
         )
         return line if len(line) <= MAX_AUDIT_LINE_BYTES else None
 

@@ -277,6 +277,8 @@ class Authenticator:
     async def _identify(self, credentials: Credentials) -> Identity | None:
         bearer = _bearer(credentials)
         if bearer is not None:
+            if credentials.jwt_only and not looks_like_jwt(bearer.value):
+                raise _Refused("bearer", "not a JWT where only a JWT is accepted")
             return await self._verify_bearer(bearer)
         if self._mtls:
             identity = _mtls_identity(credentials)

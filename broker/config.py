@@ -104,6 +104,33 @@ class ServerSettings(_Section):
     # CreateToken calls in flight not yet authenticated or still waiting for their request
     # message, per process; calls beyond it are shed at once (UNAVAILABLE).
     max_pending_calls: int = Field(default=2000, ge=1)
+    http_listen: str | None = Field(
+        default=None,
+        description=(
+            "host:port of the HTTP door (broker.http_door): the Kubernetes-compatible "
+            "TokenRequest endpoint and OAuth 2.0 token exchange, on the same request path as "
+            "gRPC. Off by default. HTTPS with the certificate of `server.tls` (client "
+            "certificates verified against its `clientCaFile`); plaintext only on a loopback "
+            "address with `allowPlaintext` (or in dev mode), like `server.listen`."
+        ),
+    )
+
+    http_tls: TLSSettings | None = Field(
+        default=None,
+        description=(
+            "TLS of the HTTP door when it is not `server.tls` (another certificate for the "
+            "HTTP door, or HTTPS there while gRPC is plaintext in dev mode); default: "
+            "`server.tls`. Its files are followed and reloaded like `server.tls`'s."
+        ),
+    )
+
+    @field_validator("http_listen", mode="before")
+    @classmethod
+    def _http_disabled(cls, value: object) -> object:
+        # The environment cannot say null: TOKEN_BROKER_SERVER__HTTP_LISTEN="" does.
+        if isinstance(value, str) and value.strip().lower() in ("", "null"):
+            return None
+        return value
 
     @model_validator(mode="after")
     def _some_listener(self) -> ServerSettings:
@@ -687,6 +714,8 @@ def check_transport_security(settings: Settings) -> None:
     server = settings.server
     if server.health_listen is not None:
         split_host_port(server.health_listen, "server.healthListen")
+    if server.http_listen is not None:
+        _check_listener_security(settings, server.http_listen, "server.httpListen")
     if server.listen is None:
         return
     split_host_port(server.listen)
@@ -701,4 +730,22 @@ def check_transport_security(settings: Settings) -> None:
         raise ConfigError(
             f"server.listen: plaintext is only allowed on a loopback address, not "
             f"{server.listen}; configure server.tls to listen there"
+        )
+
+
+def _check_listener_security(settings: Settings, listen: str, key: str) -> None:
+    """check_transport_security's rule for one more TCP listener that serves tokens."""
+    server = settings.server
+    split_host_port(listen, key)
+    if server.tls is not None or server.http_tls is not None:
+        return
+    if not (server.allow_plaintext or settings.dev):
+        raise ConfigError(
+            f"server.tls: plaintext HTTP on {listen} ({key}) refused; configure server.tls "
+            "(certFile, keyFile), or set server.allowPlaintext on a loopback address"
+        )
+    if not is_loopback_address(listen):
+        raise ConfigError(
+            f"{key}: plaintext is only allowed on a loopback address, not {listen}; configure "
+            "server.tls to listen there"
         )

@@ -13,6 +13,8 @@ auth context.
 - the verified client certificate (PEM), or None: the one the TLS handshake verified against the
   configured client CA. Read only when authentication needs it (a call with a bearer credential
   never does), through `load_client_certificate`.
+- `jwt_only`: the bearer credential is accepted only as a JWT (the OAuth door's `subject_token`:
+  an API key presented there is refused like any credential that does not verify).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Callable
 class Credentials:
     """One call's credentials (see the module docstring). Never shows the bearer value."""
 
-    __slots__ = ("_certificate", "_load_certificate", "authorization", "peer")
+    __slots__ = ("_certificate", "_load_certificate", "authorization", "jwt_only", "peer")
 
     def __init__(
         self,
@@ -32,8 +34,10 @@ class Credentials:
         peer: str = "",
         client_certificate: bytes | None = None,
         load_client_certificate: Callable[[], bytes | None] | None = None,
+        jwt_only: bool = False,
     ) -> None:
         self.authorization = authorization
+        self.jwt_only = jwt_only
         self.peer = peer
         self._certificate = client_certificate
         self._load_certificate = load_client_certificate

@@ -18,7 +18,12 @@ For a person at a terminal (what `make run` starts):
 - the banner's commands are ready to paste: the tools by their full path (after `make run`
   they are in .venv/bin, not on PATH), the API key exported from its file (never printed),
   and a kubeconfig whose user gets its token from the broker through the kubectl credential
-  plugin (`kubectl.kubeconfig`: kubectl acts as demo/build-robot on the emulator).
+  plugin (`kubectl.kubeconfig`: kubectl acts as demo/build-robot on the emulator);
+- the HTTP door (broker.http_door) on 127.0.0.1:8444 (moved when busy; `server.httpListen`
+  chooses, null turns it off), HTTPS with a throwaway CA of its own (kubectl sends no
+  credentials over plain http://) unless `server.tls` or `server.httpTls` is configured, and
+  a kubeconfig for it (`http-door.kubeconfig`: the dev API key as its token) so that stock
+  `kubectl create token` works against the broker.
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ from typing import Any, TextIO
 import yaml
 
 from broker.authn_apikeys import generate_api_key, hash_api_key
-from broker.config import Settings, split_host_port
-from broker.emulator import Emulator
+from broker.config import Settings, TLSSettings, split_host_port
+from broker.emulator import Emulator, generate_pki
 from broker.listen_ports import bind_error
 from broker.policy import DEV_POLICY_FILE
 from broker.server import BrokerServer, serve_until_signal, signals_while_starting
@@ -52,6 +57,9 @@ DEV_IDENTITY = "dev"
 API_KEY_FILE = "api-key"
 AUDIT_FILE = "audit.jsonl"
 KUBECTL_KUBECONFIG = "kubectl.kubeconfig"
+HTTP_KUBECONFIG = "http-door.kubeconfig"
+HTTP_TLS_DIRECTORY = "http-tls"
+DEV_HTTP_LISTEN = "127.0.0.1:8444"
 
 
 def broker_user_token(seed: dict[str, Any]) -> str:
@@ -89,6 +97,68 @@ def free_default_ports(settings: Settings) -> tuple[Settings, tuple[MovedListene
     if not moved:
         return settings, ()
     return settings.model_copy(update={"server": server, "admin": admin}), tuple(moved)
+
+
+def dev_http_door(
+    settings: Settings, workdir: Path
+) -> tuple[Settings, tuple[MovedListener, ...], Path | None]:
+    """The settings with the HTTP door on (DEV_HTTP_LISTEN, moved when busy) unless the user
+    chose its address (or turned it off), HTTPS with a throwaway CA written in `workdir`
+    unless TLS is configured; what moved, and the CA file (None: not ours, or no door)."""
+    server = settings.server
+    moved: tuple[MovedListener, ...] = ()
+    listen = server.http_listen
+    if "http_listen" not in server.model_fields_set:
+        listen = DEV_HTTP_LISTEN
+        if bind_error(listen):
+            moved = (MovedListener("server.httpListen", listen, "--http-listen"),)
+            listen = _any_port(listen)
+    if listen is None:
+        return settings, (), None
+    update: dict[str, Any] = {"http_listen": listen}
+    ca_file = None
+    if server.tls is None and server.http_tls is None:
+        pki = generate_pki("127.0.0.1")
+        directory = workdir / HTTP_TLS_DIRECTORY
+        directory.mkdir(mode=0o700)
+        files = {"tls.crt": pki.cert_pem, "tls.key": pki.key_pem, "ca.crt": pki.ca_cert_pem}
+        for name, data in files.items():
+            (directory / name).touch(mode=0o600)
+            (directory / name).write_bytes(data)
+        update["http_tls"] = TLSSettings(
+            cert_file=directory / "tls.crt", key_file=directory / "tls.key"
+        )
+        ca_file = directory / "ca.crt"
+    return (
+        settings.model_copy(update={"server": server.model_copy(update=update)}),
+        moved,
+        ca_file,
+    )
+
+
+def write_http_kubeconfig(path: Path, url: str, ca_file: Path, api_key: str) -> Path:
+    """A kubeconfig for stock kubectl against the broker's HTTP door, as the dev caller (the
+    API key as its bearer token; mode 0600)."""
+    name = "token-broker-dev"
+    document = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": name, "cluster": {"server": url, "certificate-authority": str(ca_file)}}
+        ],
+        "users": [{"name": name, "user": {"token": api_key}}],
+        "contexts": [
+            {
+                "name": name,
+                "context": {"cluster": name, "user": name, "namespace": EXAMPLE_NAMESPACE},
+            }
+        ],
+        "current-context": name,
+        "preferences": {},
+    }
+    path.touch(mode=0o600)
+    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return path
 
 
 def _any_port(listen: str) -> str:
@@ -180,6 +250,7 @@ def banner(
     emulator: Emulator,
     workdir: Path,
     moved: tuple[MovedListener, ...] = (),
+    http_ca: Path | None = None,
 ) -> str:
     settings = server.settings
     token_broker = shlex.join(token_broker_command())
@@ -208,7 +279,32 @@ def banner(
     audit = settings.audit
     audit_where = str(audit.file) if audit.sink == "file" else "stdout"
     kubectl = _tool("kubectl")
+    kubectl_cmd = shlex.quote(kubectl or "kubectl")
     kubeconfig_for_kubectl = workdir / KUBECTL_KUBECONFIG
+    http_url = server.http_url
+    http_lines: list[str] = []
+    if http_url is not None:
+        token_path = (
+            f"/api/v1/namespaces/{EXAMPLE_NAMESPACE}/serviceaccounts/"
+            f"{EXAMPLE_SERVICE_ACCOUNT}/token"
+        )
+        body = '{"spec":{"audiences":["vault"]}}'
+        cacert = f" --cacert {http_ca}" if http_ca is not None else ""
+        http_lines = [
+            "The HTTP door (stock kubectl, curl, OAuth token exchange):",
+            *(
+                [
+                    f"  {kubectl_cmd} --kubeconfig {workdir / HTTP_KUBECONFIG} create token"
+                    f" {EXAMPLE_SERVICE_ACCOUNT} --audience vault"
+                ]
+                if http_ca is not None
+                else []
+            ),
+            f'  export API_KEY="$(cat {key_file})"',
+            f'  curl{cacert} -H "Authorization: Bearer $API_KEY"'
+            f" -H 'Content-Type: application/json' -d {shlex.quote(body)}"
+            f" {http_url}{token_path}",
+        ]
 
     def moved_note(key: str) -> list[str]:
         return [
@@ -228,6 +324,12 @@ def banner(
             f" and unix:{server.unix_socket}",
             *moved_note("server.listen"),
             f"callers:    identity `{DEV_IDENTITY}`: the unix socket, or the API key in {key_file}",
+            *(
+                [f"http door:  {http_url} (Kubernetes TokenRequest; OAuth at /oauth2/token)"]
+                if http_url is not None
+                else []
+            ),
+            *moved_note("server.httpListen"),
             f"admin:      {admin_where}",
             *moved_note("admin.listen"),
             f"audit:      {audit_where} (one JSON line per decision; the logs are on stderr)",
@@ -241,9 +343,9 @@ def banner(
             *(f"  {c}" for c in commands),
             f"kubectl as {EXAMPLE_NAMESPACE}/{EXAMPLE_SERVICE_ACCOUNT}, its token from the broker"
             " (kubectl credential plugin):",
-            f"  KUBECONFIG={kubeconfig_for_kubectl} {shlex.quote(kubectl or 'kubectl')}"
-            " get serviceaccounts",
+            f"  KUBECONFIG={kubeconfig_for_kubectl} {kubectl_cmd} get serviceaccounts",
             *_missing("kubectl", kubectl),
+            *http_lines,
             "gRPC with grpcurl (server reflection is on):",
             *(f"  {g}" for g in grpc_lines),
             *_missing("grpcurl", grpcurl),
@@ -279,6 +381,10 @@ async def run_dev(settings: Settings, out: TextIO | None = None) -> int:
             )
             api_key = generate_api_key()
             await asyncio.to_thread(_write_private, workdir / API_KEY_FILE, api_key)
+            settings, http_moved, http_ca = await asyncio.to_thread(
+                dev_http_door, settings, workdir
+            )
+            moved = (*moved, *http_moved)
             server = BrokerServer(dev_settings(settings, workdir, api_key))
             with signals_while_starting() as started:
                 await server.start()
@@ -290,7 +396,15 @@ async def run_dev(settings: Settings, out: TextIO | None = None) -> int:
                     server.unix_socket,
                     workdir / "exec-credential-cache",
                 )
-                stream.write(banner(server, emulator, workdir, moved) + "\n")
+                if server.http_url is not None and http_ca is not None:
+                    await asyncio.to_thread(
+                        write_http_kubeconfig,
+                        workdir / HTTP_KUBECONFIG,
+                        server.http_url,
+                        http_ca,
+                        api_key,
+                    )
+                stream.write(banner(server, emulator, workdir, moved, http_ca) + "\n")
                 stream.flush()
                 await serve_until_signal(server, started)
         finally:

@@ -17,6 +17,7 @@ LISTEN_FLAGS = {
     "server.listen": "--listen",
     "server.healthListen": "--health-listen",
     "admin.listen": "--admin-listen",
+    "server.httpListen": "--http-listen",
 }
 
 
@@ -36,6 +37,35 @@ def bind_error(listen: str) -> OSError | None:
     except OSError as exc:
         return exc
     return None
+
+
+def bind_listener(
+    listen: str, key: str, *, reuse_port: bool = False, backlog: int = 128
+) -> socket.socket:
+    """A listening, non-blocking TCP socket on `listen` (host:port) for an aiohttp listener
+    (the admin listener, the HTTP door); ConfigError naming `key` when it cannot be bound.
+    SO_REUSEADDR (restart over TIME_WAIT); SO_REUSEPORT only when asked (`serve --workers N`
+    shares the port): otherwise a busy port fails."""
+    host, port = split_host_port(listen, key)
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot listen on {listen}: {exc}") from None
+    family, socktype, proto, _, address = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise listen_error(key, listen, exc.strerror or str(exc)) from None
+    return sock
 
 
 def listen_error(key: str, listen: str, reason: str) -> ConfigError:

@@ -196,6 +196,23 @@ class BrokerMetrics:
             registry=r,
         )
 
+        # --- the HTTP door (broker.http_door; client_golang promhttp's names and labels) ----
+        self.http_requests = LoopCounter(
+            "http_server_requests",
+            "HTTP requests answered by the HTTP door, by handler (the route template: "
+            "kubernetes-token, oauth-token, or other for unknown paths), method and status code.",
+            ("handler", "method", "code"),
+            registry=r,
+        )
+        self.http_request_seconds = LoopHistogram(
+            "http_server_request_duration_seconds",
+            "Latency of the HTTP door's requests (seconds), from the request's headers to its "
+            "answer, by handler and method.",
+            ("handler", "method"),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
         # --- requests and tokens ----------------------------------------------------------
         caller = ("caller",) if self.settings.caller_labels else ()
         self._callers: set[str] = set()

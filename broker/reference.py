@@ -40,7 +40,7 @@ from prometheus_client.registry import CollectorRegistry
 from pydantic import BaseModel
 from pydantic.alias_generators import to_camel
 
-from broker import reasons
+from broker import http_errors, reasons
 from broker.config import MetricsSettings, Settings, env_var_name
 from broker.filemodes import FileMode
 
@@ -204,7 +204,8 @@ def settings_reference() -> str:
             else:
                 value = info.get_default(call_default_factory=True)
             file_mode = any(isinstance(m, FileMode) for m in info.metadata)
-            meaning = comments.get(name, "")
+            # A field's own description, else the comment above it.
+            meaning = info.description or comments.get(name, "")
             choices = _literal_choices(info.annotation)
             if choices:
                 meaning = (
@@ -453,6 +454,7 @@ BLOCKS: tuple[Block, ...] = (
     Block("docs/configuration.md", "settings", settings_reference),
     Block("docs/metrics.md", "metrics", metrics_reference),
     Block("docs/troubleshooting.md", "reasons", reasons.markdown_table),
+    Block("docs/http-door.md", "http-errors", http_errors.markdown_table),
     Block("docs/policy.md", "example-policy", fenced_file(EXAMPLE_POLICY, "yaml")),
     Block("docs/policy.md", "policy-explain", explain_examples),
     Block("docs/getting-started.md", "dev-policy", fenced_file("broker/dev-policy.yaml", "yaml")),

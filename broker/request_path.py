@@ -8,10 +8,14 @@ the answer's bytes (or a BrokerError) out, and one record of the call.
     -> upstream slot (upstream_guard.py) -> Kubernetes API (upstream.py)
     -> one audit line (audit.py), whatever happened.
 
-A transport is a thin adapter around `RequestPath.create_token`: gRPC (broker.service) turns
-its call's metadata into `Credentials`, hands over a function that receives the request bytes
-and the call's remaining deadline, answers the bytes or the error's status, and writes the
-access line and the gRPC metrics from the same `TokenCall` record.
+A transport is a thin adapter around `RequestPath.create_token` (a *door*, named in the audit
+line's `door`): gRPC (broker.service) turns its call's metadata into `Credentials`, hands over
+a function that receives the request bytes and the call's remaining deadline, answers the
+bytes or the error's status, and writes the access line and the gRPC metrics from the same
+`TokenCall` record. The HTTP doors (broker.http_kubernetes, broker.http_oauth, served by
+broker.http_door) do the same from an HTTP request: their receive function turns the HTTP
+request into the request message's bytes, and a request that cannot be turned into one is
+`TokenCall.refusal`, answered only after authentication like a message that does not parse.
 
 Authentication decides before anything else is answered, so that an unauthenticated caller
 learns nothing but UNAUTHENTICATED (not even that its bytes do not parse); before it, only the
@@ -83,6 +87,11 @@ from broker.validation import validate_create_token
 logger = logging.getLogger(__name__)
 
 CREATE_TOKEN_REQUEST: str = pb.CreateTokenRequest.DESCRIPTOR.full_name
+# The doors (the audit line's `door`).
+DOOR_GRPC = "grpc"
+DOOR_HTTP_KUBERNETES = "http-kubernetes"
+DOOR_HTTP_OAUTH = "http-oauth"
+DOORS = (DOOR_GRPC, DOOR_HTTP_KUBERNETES, DOOR_HTTP_OAUTH)
 # The request of a call whose request message never arrived or did not parse (its audit line).
 _NO_REQUEST = pb.CreateTokenRequest()
 
@@ -100,12 +109,14 @@ class TokenCall:
         "cache_key",
         "credentials",
         "decided",
+        "door",
         "error",
         "hit_line",
         "identity",
         "pending",
         "quiet",
         "raw",
+        "refusal",
         "request_id",
         "result",
         "started",
@@ -121,8 +132,13 @@ class TokenCall:
         *,
         time_remaining: TimeRemaining,
         started: float | None = None,
+        door: str = DOOR_GRPC,
     ) -> None:
         self.request_id = request_id
+        self.door = door
+        # The transport could not turn what it received into a request message: answered
+        # after authentication (an unauthenticated caller learns nothing but that).
+        self.refusal: BrokerError | None = None
         self.credentials = credentials
         self.time_remaining = time_remaining
         self.started = time.monotonic() if started is None else started
@@ -248,6 +264,7 @@ class RequestPath:
                 latency_ms=0.0,
                 error=peer_throttled(0.0),  # what those calls were answered
                 suppressed_refusals=summary.suppressed,
+                door=None,  # the peer's refusals, through any door
             )
             # A failure is the audit log's to report; no call waits for this line.
             with contextlib.suppress(AuditWriteError):
@@ -301,6 +318,7 @@ class RequestPath:
                     peer=call.peer,
                     latency_ms=(time.monotonic() - call.started) * 1000,
                     now=time.time(),
+                    door=call.door,
                 )
                 if line is None:  # longer than a line may be: the record's own bounds
                     await self._audit.write(self._audit_record(call, None))
@@ -348,6 +366,7 @@ class RequestPath:
             rule=decision.rule if decision is not None else None,
             cache_hit=call.cache_hit,
             suppressed_refusals=call.throttled.suppressed if call.throttled else None,
+            door=call.door,
         )
 
     async def _answer(self, call: TokenCall, receive: Receive) -> bytes:
@@ -375,6 +394,8 @@ class RequestPath:
             call.raw = raw
         identity = await self._authenticate(call)
         self._no_longer_pending(call)
+        if call.refusal is not None:
+            raise call.refusal
         if raw is None:
             # Answered only to an authenticated caller (an unauthenticated one learns nothing
             # but UNAUTHENTICATED).

@@ -41,6 +41,7 @@ from broker.config import (
 )
 from broker.file_reload import ReloadingFiles, reload_on_sighup
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
+from broker.http_door import HttpDoor
 from broker.listen_ports import listen_error, reason_not_bound
 from broker.metrics import BrokerMetrics
 from broker.observe import CallObserver, ObservedServer
@@ -108,6 +109,8 @@ class _Listeners:
     unix_relay: PeerCredentialRelay | None = None
     health_address: str | None = None
     admin: AdminServer | None = None
+    # The HTTP door (server.httpListen): Kubernetes-compatible and OAuth token exchange.
+    http: HttpDoor | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,18 @@ class BrokerServer:
         return admin.address if admin is not None else None
 
     @property
+    def http_address(self) -> str | None:
+        """host:port of the HTTP door (server.httpListen), if enabled."""
+        http = self._listeners.http
+        return http.address if http is not None else None
+
+    @property
+    def http_url(self) -> str | None:
+        """https://host:port (http:// in plaintext dev mode) of the HTTP door, if enabled."""
+        http = self._listeners.http
+        return http.url if http is not None else None
+
+    @property
     def admin_url(self) -> str | None:
         admin = self._listeners.admin
         return admin.url if admin is not None else None
@@ -247,6 +262,12 @@ class BrokerServer:
         cfg = self.settings.server
         check_transport_security(self.settings)
         certificates = await ServerCertificates(cfg.tls).open() if cfg.tls is not None else None
+        # The HTTP door's own certificate (server.httpTls), else gRPC's.
+        http_certificates = (
+            await ServerCertificates(cfg.http_tls).open()
+            if cfg.http_tls is not None and cfg.http_listen is not None
+            else certificates
+        )
         if cfg.unix_socket is not None:
             await remove_stale_socket(cfg.unix_socket)
         # On failure (or cancellation) the stack unwinds what was built; on success its
@@ -280,10 +301,17 @@ class BrokerServer:
                 ReflectionServicer([SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME]),
                 observed,
             )
-            listeners = await self._listen(stack, server, certificates)
+            listeners = await self._listen(
+                stack, server, certificates, http_certificates, servicer.path
+            )
             reloading: tuple[ReloadingFiles[Any], ...] = (
                 *([parts.policy] if isinstance(parts.policy, PolicyStore) else []),
                 *([certificates.files] if certificates is not None else []),
+                *(
+                    [http_certificates.files]
+                    if http_certificates is not None and http_certificates is not certificates
+                    else []
+                ),
                 *parts.authenticator.reloading_files(),
             )
             for files in reloading:
@@ -311,6 +339,7 @@ class BrokerServer:
                 "listen": listeners.address,
                 "health_listen": listeners.health_address,
                 "admin_listen": self.admin_address,
+                "http_listen": listeners.http.address if listeners.http is not None else None,
                 "ready": state.ready,
                 "unix_socket": str(listeners.unix_socket) if listeners.unix_socket else None,
                 "tls": _tls_mode(certificates.material if certificates is not None else None),
@@ -390,9 +419,11 @@ class BrokerServer:
         stack: contextlib.AsyncExitStack,
         server: aio.Server,
         certificates: ServerCertificates | None,
+        http_certificates: ServerCertificates | None,
+        path: RequestPath,
     ) -> _Listeners:
-        """Bind the gRPC listeners and start serving, then the health and admin listeners;
-        each is closed by `stack`."""
+        """Bind the gRPC listeners and start serving, then the HTTP door, the health and admin
+        listeners; each is closed by `stack`."""
         cfg = self.settings.server
         address = None
         if cfg.listen is not None:
@@ -406,6 +437,14 @@ class BrokerServer:
                 stack, server, cfg.unix_socket, cfg.unix_socket_mode
             )
         await server.start()
+        http = None
+        if cfg.http_listen is not None:
+            http = HttpDoor(
+                cfg.http_listen, path, certificates=http_certificates, reuse_port=self._reuse_port
+            )
+            await http.start()
+            # After `stop()`'s graceful stop of it, a no-op.
+            stack.push_async_callback(http.stop, None)
         health_address = None
         if cfg.health_listen is not None:
             health_address = await self._start_health_server(stack, cfg.health_listen)
@@ -424,6 +463,7 @@ class BrokerServer:
             unix_relay=relay,
             health_address=health_address,
             admin=admin,
+            http=http,
         )
 
     async def _listen_on_unix_socket(
@@ -493,7 +533,11 @@ class BrokerServer:
         await self.leave_rotation()
         if running.listeners.unix_relay is not None:
             await running.listeners.unix_relay.stop_accepting()
-        await running.server.stop(grace)
+        # Both doors stop accepting at once; their calls in flight finish within `grace`.
+        stops = [running.server.stop(grace)]
+        if running.listeners.http is not None:
+            stops.append(running.listeners.http.stop(grace))
+        await asyncio.gather(*stops)
         # After the last call has finished: every call's audit line is written.
         await running.teardown.aclose()
         logger.info("stopped")
@@ -507,6 +551,8 @@ class BrokerServer:
     async def stop_now(self) -> None:
         """Cancel in-flight calls of a stop in progress (a second SIGTERM/SIGINT)."""
         if self._running is not None:
+            if self._running.listeners.http is not None:
+                await self._running.listeners.http.stop(None)
             await self._running.server.stop(None)
 
     async def wait_for_termination(self) -> None:

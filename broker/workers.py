@@ -96,6 +96,7 @@ def check_workers(settings: Settings, workers: int) -> None:
     for key, listen in (
         ("server.listen", server.listen),
         ("server.healthListen", server.health_listen),
+        ("server.httpListen", server.http_listen),
     ):
         if listen is None:
             continue

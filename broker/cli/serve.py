@@ -36,6 +36,11 @@ def add_parser(commands: Any) -> None:
         metavar="HOST:PORT",
         help="admin HTTP listener: /metrics, /healthz, /readyz (127.0.0.1:8082; '' turns it off)",
     )
+    serve.add_argument(
+        "--http-listen",
+        metavar="HOST:PORT",
+        help="the HTTP door: Kubernetes TokenRequest, OAuth token exchange (off; '' turns it off)",
+    )
     serve.add_argument("--tls-cert", type=Path, metavar="FILE", help="server certificate (PEM)")
     serve.add_argument("--tls-key", type=Path, metavar="FILE", help="server private key (PEM)")
     serve.add_argument(
@@ -71,6 +76,8 @@ def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
     log: dict[str, Any] = {}
     if args.listen is not None:
         server["listen"] = args.listen
+    if args.http_listen is not None:
+        server["httpListen"] = args.http_listen or None
     if args.unix_socket is not None:
         server["unixSocket"] = args.unix_socket
     if args.health_listen is not None:

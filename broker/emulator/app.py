@@ -19,15 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
-from broker.emulator import status
-from broker.emulator.auth import (
-    TOKEN_RESOURCE,
-    AccessControl,
-    ObjectGone,
-    ServiceAccountTokenAuthenticator,
-    UserInfo,
-)
-from broker.emulator.body import (
+from broker.apiserver import status
+from broker.apiserver.body import (
     KIND,
     DecodedTokenRequest,
     DecodeFailure,
@@ -37,6 +30,14 @@ from broker.emulator.body import (
     parse_json_for_record,
     yaml_to_json,
 )
+from broker.apiserver.wire import PROTOBUF_MEDIA_TYPE
+from broker.emulator.auth import (
+    TOKEN_RESOURCE,
+    AccessControl,
+    ObjectGone,
+    ServiceAccountTokenAuthenticator,
+    UserInfo,
+)
 from broker.emulator.config import EmulatorConfig
 from broker.emulator.faults import FaultAction, Faults
 from broker.emulator.records import RecordedRequest, RequestLog, frozen_query
@@ -44,7 +45,6 @@ from broker.emulator.resources import ResourceApi
 from broker.emulator.store import ObjectNotFound, ObjectStore
 from broker.emulator.tokenrequest import create_token
 from broker.emulator.tokens import TokenSigner
-from broker.emulator.wire import PROTOBUF_MEDIA_TYPE
 
 logger = logging.getLogger("broker.emulator")
 

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDictProxy
 
-from broker.emulator.wire import PROTOBUF_MEDIA_TYPE
+from broker.apiserver.wire import PROTOBUF_MEDIA_TYPE
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from typing import Any
 
 from aiohttp import web
 
-from broker.emulator import status
+from broker.apiserver import status
+from broker.apiserver.status import NAMESPACE_MISMATCH
 from broker.emulator.auth import AccessControl, UserInfo
-from broker.emulator.status import NAMESPACE_MISMATCH
 from broker.emulator.store import ObjectExists, ObjectNotFound, ObjectStore
 
 Handler = Callable[[web.Request, UserInfo], Awaitable[tuple[int, dict[str, Any]]]]

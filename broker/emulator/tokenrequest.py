@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from broker.emulator import status
-from broker.emulator.body import (
+from broker.apiserver import status
+from broker.apiserver.body import (
     GROUP,
     GROUP_VERSION,
     KIND,

@@ -1069,7 +1069,7 @@ async def test_audit_lines_field_by_field(
         assert isinstance(latency, float | int) and latency >= 0
         assert TCP_PEER.fullmatch(line.pop("peer"))
     common = {"kind": "TokenBrokerAudit", "apiVersion": "audit.tokenbroker.dev/v1"}
-    common |= {"stage": "ResponseComplete", "namespace": NAMESPACE}
+    common |= {"stage": "ResponseComplete", "namespace": NAMESPACE, "door": "grpc"}
     assert lines[0] == {
         **common,
         "requestID": "audit-allowed-1",

@@ -43,6 +43,7 @@ FENCE = re.compile(r"^```(\S*)")
 DEV_DIR = "/tmp/token-broker-dev-XXXX"
 GRPC_ADDRESS = "127.0.0.1:50051"
 ADMIN_ADDRESS = "127.0.0.1:8082"
+HTTP_ADDRESS = "127.0.0.1:8444"
 CHECKOUT = "/path/to/checkout"
 
 
@@ -122,34 +123,44 @@ def test_every_shell_block_is_marked() -> None:
         assert any(command in e.code for e in run), command
 
 
-def rewrite(code: str, dev_dir: str, grpc_address: str, admin_address: str) -> str:
+def rewrite(code: str, dev_dir: str, addresses: DevAddresses) -> str:
     for placeholder, value in (
         (DEV_DIR, dev_dir),
-        (GRPC_ADDRESS, grpc_address),
-        (ADMIN_ADDRESS, admin_address),
-        ("localhost:8082", admin_address),
+        (GRPC_ADDRESS, addresses.grpc),
+        (ADMIN_ADDRESS, addresses.admin),
+        (HTTP_ADDRESS, addresses.http),
+        ("localhost:8082", addresses.admin),
         (CHECKOUT, str(REPO)),
     ):
         code = code.replace(placeholder, value)
     return code
 
 
-async def start_dev(spawn: Spawn) -> tuple[Process, str, str, str]:
-    """dev mode on free ports: (the process, its directory, gRPC address, admin address)."""
+@dataclass
+class DevAddresses:
+    grpc: str
+    admin: str
+    http: str
+
+
+async def start_dev(spawn: Spawn) -> tuple[Process, str, DevAddresses]:
+    """dev mode on free ports: (the process, its directory, its addresses)."""
     process = await spawn("serve", "--dev", "--listen", "127.0.0.1:0")
     await process.wait_for("stops the broker and the emulator")
     banner = "".join(process.stdout)
     grpc_address = re.search(r"^broker:\s+(\S+) and unix:", banner, re.MULTILINE)
     api_key = re.search(r"the API key in (\S+)/api-key$", banner, re.MULTILINE)
     admin = re.search(r"^admin:\s+http://(\S+) ", banner, re.MULTILINE)
-    assert grpc_address and api_key and admin, banner
-    return process, api_key.group(1), grpc_address.group(1), admin.group(1)
+    http = re.search(r"^http door:\s+https://(\S+) ", banner, re.MULTILINE)
+    assert grpc_address and api_key and admin and http, banner
+    addresses = DevAddresses(grpc_address.group(1), admin.group(1), http.group(1))
+    return process, api_key.group(1), addresses
 
 
 async def test_the_docs_examples_run_against_dev_mode(spawn: Spawn, tmp_path: Path) -> None:
     """Each `test: dev` block, as a user pastes it, against one dev-mode broker: its exit status
     and the text it must print. All blocks run; the failures are reported together."""
-    process, dev_dir, grpc_address, admin_address = await start_dev(spawn)
+    process, dev_dir, addresses = await start_dev(spawn)
     env = {
         "HOME": str(tmp_path),  # the credential plugin's cache, kubectl's files
         "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
@@ -159,7 +170,7 @@ async def test_the_docs_examples_run_against_dev_mode(spawn: Spawn, tmp_path: Pa
     for example in examples():
         if example.kind != "dev":
             continue
-        code = rewrite(example.code, dev_dir, grpc_address, admin_address)
+        code = rewrite(example.code, dev_dir, addresses)
         if example.language == "python":
             argv = [sys.executable, "-c", code]
         else:

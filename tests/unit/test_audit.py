@@ -95,6 +95,7 @@ def test_record_json_field_by_field() -> None:
         "issuer": "https://issuer.example",
         "certificateField": None,
         "peer": "ipv4:10.0.0.7:51234",
+        "door": "grpc",
         "namespace": NAMESPACE,
         "serviceAccount": SERVICE_ACCOUNT,
         "audiences": ["vault"],

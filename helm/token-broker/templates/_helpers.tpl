@@ -104,6 +104,9 @@ a change rolls the pods; the policy is a separate file the broker reloads by its
 {{- $server := deepCopy $v.server -}}
 {{- $_ := set $server "listen" (printf "%s:%d" $addr (int $v.ports.grpc)) -}}
 {{- $_ := set $server "healthListen" (printf "%s:%d" $addr (int $v.ports.health)) -}}
+{{- if $v.http.enabled -}}
+{{- $_ := set $server "httpListen" (printf "%s:%d" $addr (int $v.http.port)) -}}
+{{- end -}}
 {{- $_ := set $server "tls" $tls -}}
 {{- $kubernetes := deepCopy $v.kubernetes -}}
 {{- $_ := set $kubernetes "mode" "inCluster" -}}

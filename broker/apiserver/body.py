@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from broker.emulator import wire
-from broker.emulator.status import go_quote
+from broker.apiserver import wire
+from broker.apiserver.status import go_quote
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 
 GROUP = "authentication.k8s.io"

@@ -18,8 +18,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from broker.config import split_host_port
-from broker.listen_ports import bind_listener
+from broker.listen_ports import serve_app
 from broker.readiness import Readiness
 
 logger = logging.getLogger(__name__)
@@ -57,23 +56,9 @@ class AdminServer:
 
     async def start(self) -> None:
         """Bind and serve; ConfigError (naming admin.listen) when the address is unusable."""
-        host, _ = split_host_port(self.listen, "admin.listen")
-        sock = bind_listener(self.listen, "admin.listen")
-        runner = web.AppRunner(
-            self.build_app(),
-            access_log=None,
-            handle_signals=False,
-            shutdown_timeout=_SHUTDOWN_TIMEOUT,
+        self._runner, self._address = await serve_app(
+            self.build_app(), self.listen, "admin.listen", shutdown_timeout=_SHUTDOWN_TIMEOUT
         )
-        try:
-            await runner.setup()
-            await web.SockSite(runner, sock).start()
-        except BaseException:
-            await runner.cleanup()
-            sock.close()
-            raise
-        self._runner = runner
-        self._address = f"{host}:{sock.getsockname()[1]}"
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None

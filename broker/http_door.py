@@ -52,12 +52,11 @@ from aiohttp import web
 from broker import http_kubernetes as kube
 from broker import http_oauth as oauth
 from broker.apiserver import status as kstatus
-from broker.config import split_host_port
 from broker.credentials import Credentials
 from broker.errors import BrokerError
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.http_errors import retry_after_header
-from broker.listen_ports import bind_listener
+from broker.listen_ports import serve_app
 from broker.logs import bind_request_id
 from broker.metrics import BrokerMetrics
 from broker.reasons import Reason
@@ -224,14 +223,13 @@ class HttpDoor:
         return app
 
     async def start(self) -> None:
-        host, _ = split_host_port(self.listen, "server.httpListen")
-        sock = bind_listener(
-            self.listen, "server.httpListen", reuse_port=self._reuse_port, backlog=1024
-        )
-        runner = web.AppRunner(
+        self._runner, self._address = await serve_app(
             self.build_app(),
-            access_log=None,
-            handle_signals=False,
+            self.listen,
+            "server.httpListen",
+            reuse_port=self._reuse_port,
+            backlog=1024,
+            ssl_context=self._tls.context if self._tls is not None else None,
             max_line_size=MAX_LINE_BYTES,
             max_field_size=MAX_LINE_BYTES,
             max_headers=MAX_HEADERS,
@@ -240,18 +238,6 @@ class HttpDoor:
             # reset); bounded, as a stop waits for it.
             lingering_time=LINGERING_SECONDS,
         )
-        try:
-            await runner.setup()
-            site = web.SockSite(
-                runner, sock, ssl_context=self._tls.context if self._tls is not None else None
-            )
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            sock.close()
-            raise
-        self._runner = runner
-        self._address = f"{host}:{sock.getsockname()[1]}"
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting; requests in flight finish within `grace` seconds (None: now)."""

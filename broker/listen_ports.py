@@ -9,6 +9,10 @@ choose another one.
 from __future__ import annotations
 
 import socket
+import ssl
+from typing import Any
+
+from aiohttp import web
 
 from broker.config import ConfigError, env_var_name, split_host_port
 
@@ -85,3 +89,28 @@ def reason_not_bound(listen: str) -> str:
     if error is None:
         return "the port could not be bound"
     return error.strerror or str(error)
+
+
+async def serve_app(
+    app: web.Application,
+    listen: str,
+    key: str,
+    *,
+    reuse_port: bool = False,
+    backlog: int = 128,
+    ssl_context: ssl.SSLContext | None = None,
+    **runner_options: Any,
+) -> tuple[web.AppRunner, str]:
+    """Serve `app` on a socket bound by bind_listener: its runner (`cleanup()` stops it) and
+    host:port with the real port when 0 was asked for. Nothing is left open on failure."""
+    host, _ = split_host_port(listen, key)
+    sock = bind_listener(listen, key, reuse_port=reuse_port, backlog=backlog)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, **runner_options)
+    try:
+        await runner.setup()
+        await web.SockSite(runner, sock, ssl_context=ssl_context).start()
+    except BaseException:
+        await runner.cleanup()
+        sock.close()
+        raise
+    return runner, f"{host}:{sock.getsockname()[1]}"

@@ -405,6 +405,40 @@ class Broker:
 MakeBroker = Callable[..., Awaitable[Broker]]
 
 
+def server_tls(material: Material) -> dict[str, Any]:
+    """server.tls of the access tests' brokers: mutual TLS against the test CA."""
+    pki = material.server
+    return {
+        "certFile": str(pki.cert),
+        "keyFile": str(pki.key),
+        "clientCaFile": str(pki.ca_file),
+        "requireClientCert": True,
+    }
+
+
+def authentication(material: Material) -> dict[str, Any]:
+    """The access tests' callers: mTLS, two API keys, the JWT issuer."""
+    return {
+        "mtls": {"enabled": True},
+        "apiKeys": {
+            "keys": [
+                {"name": BOT, "sha256": hash_api_key(BOT_KEY)},
+                {"name": "zeta-ops", "sha256": hash_api_key(ZETA_KEY)},
+            ]
+        },
+        "jwt": {
+            "issuers": [
+                {
+                    "issuer": JWT_ISSUER,
+                    "audiences": [JWT_AUDIENCE],
+                    "jwksFile": str(material.jwks_file),
+                    "algorithms": ["RS256"],
+                }
+            ]
+        },
+    }
+
+
 @pytest.fixture
 async def make_broker(
     emulator: Emulator,
@@ -432,39 +466,17 @@ async def make_broker(
         policy_file.write_text(policy, encoding="utf-8")
         audit = audit_file or tmp_path / f"audit-{n}.jsonl"
         socket_path = Path(sockets.name) / f"broker-{n}.sock"
-        server_pki = material.server
         settings = load_settings(
             None,
             {
                 "server": {
                     "listen": "127.0.0.1:0",
                     "unixSocket": str(socket_path),
-                    "tls": {
-                        "certFile": str(server_pki.cert),
-                        "keyFile": str(server_pki.key),
-                        "clientCaFile": str(server_pki.ca_file),
-                        "requireClientCert": True,
-                    },
+                    "tls": server_tls(material),
                 },
                 "kubernetes": kubernetes_settings,
                 "authentication": {
-                    "mtls": {"enabled": True},
-                    "apiKeys": {
-                        "keys": [
-                            {"name": BOT, "sha256": hash_api_key(BOT_KEY)},
-                            {"name": "zeta-ops", "sha256": hash_api_key(ZETA_KEY)},
-                        ]
-                    },
-                    "jwt": {
-                        "issuers": [
-                            {
-                                "issuer": JWT_ISSUER,
-                                "audiences": [JWT_AUDIENCE],
-                                "jwksFile": str(material.jwks_file),
-                                "algorithms": ["RS256"],
-                            }
-                        ]
-                    },
+                    **authentication(material),
                     "unixSocket": {"identity": unix_identity},
                 },
                 "policy": {"file": str(policy_file), "reloadIntervalSeconds": reload_interval},

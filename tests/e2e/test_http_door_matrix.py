@@ -18,7 +18,6 @@ import grpc
 import pytest
 from grpc import aio
 
-from broker.authn import hash_api_key
 from broker.config import KubernetesSettings, load_settings
 from broker.emulator import Emulator
 from broker.gen.tokenbroker.v1 import token_broker_pb2_grpc as pb_grpc
@@ -26,19 +25,16 @@ from broker.http_errors import ANSWERS
 from broker.reasons import ALLOWED, Reason
 from broker.server import BrokerServer
 from tests.e2e.test_access import (
-    BOT,
-    BOT_KEY,
     CALLERS,
-    JWT_AUDIENCE,
-    JWT_ISSUER,
     MATRIX,
     POLICY,
-    ZETA_KEY,
     Case,
     Material,
+    authentication,
     bearer_for,
     journal,  # noqa: F401 (the fixture `material` needs)
     material,  # noqa: F401 (a fixture)
+    server_tls,
 )
 
 HTTP_CALLERS = ("mtls", "api-key", "jwt", "jwt-feature-branch", "wrong-key")
@@ -82,40 +78,16 @@ async def doors(
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(POLICY, encoding="utf-8")
     audit = tmp_path / "audit.jsonl"
-    pki = material.server
     settings = load_settings(
         None,
         {
             "server": {
                 "listen": "127.0.0.1:0",
                 "httpListen": "127.0.0.1:0",
-                "tls": {
-                    "certFile": str(pki.cert),
-                    "keyFile": str(pki.key),
-                    "clientCaFile": str(pki.ca_file),
-                    "requireClientCert": True,
-                },
+                "tls": server_tls(material),
             },
             "kubernetes": kubernetes_settings,
-            "authentication": {
-                "mtls": {"enabled": True},
-                "apiKeys": {
-                    "keys": [
-                        {"name": BOT, "sha256": hash_api_key(BOT_KEY)},
-                        {"name": "zeta-ops", "sha256": hash_api_key(ZETA_KEY)},
-                    ]
-                },
-                "jwt": {
-                    "issuers": [
-                        {
-                            "issuer": JWT_ISSUER,
-                            "audiences": [JWT_AUDIENCE],
-                            "jwksFile": str(material.jwks_file),
-                            "algorithms": ["RS256"],
-                        }
-                    ]
-                },
-            },
+            "authentication": authentication(material),
             "policy": {"file": str(policy_file)},
             "audit": {"sink": "file", "file": str(audit)},
             "cache": {"enabled": False},

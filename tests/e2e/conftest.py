@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import Process, Spawn, start_broker
+from tests.support.http_door import HttpPki, http_pki
 from tests.support.redis_server import RedisServer
 
 
@@ -38,3 +39,10 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> HttpPki:
+    """The HTTP door's test PKI: a CA, the server's certificate, a JWT signer (tests with a
+    PKI of another kind define their own `pki`)."""
+    return http_pki(tmp_path)

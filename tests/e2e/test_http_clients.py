@@ -20,7 +20,7 @@ import yaml
 from broker.config import KubernetesSettings
 from broker.emulator import Emulator
 from broker.server import BrokerServer
-from tests.support.http_door import HttpPki, http_pki, http_settings
+from tests.support.http_door import HttpPki, http_settings
 from tests.support.stack import (
     CALLER_KEY,
     NAMESPACE,
@@ -52,12 +52,6 @@ def _kubectl() -> str | None:
 
 
 KUBECTL = _kubectl()
-needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> HttpPki:
-    return http_pki(tmp_path)
 
 
 @pytest.fixture
@@ -98,7 +92,6 @@ async def kubectl(
     return proc.returncode or 0, out.decode(), err.decode()
 
 
-@needs_kubectl
 async def test_kubectl_create_token(
     door: BrokerServer, pki: HttpPki, emulator: Emulator, tmp_path: Path
 ) -> None:
@@ -113,7 +106,6 @@ async def test_kubectl_create_token(
     assert emulator.token_requests[-1].namespace == NAMESPACE
 
 
-@needs_kubectl
 async def test_kubectl_audience_and_duration(
     door: BrokerServer, pki: HttpPki, emulator: Emulator, tmp_path: Path
 ) -> None:
@@ -128,7 +120,6 @@ async def test_kubectl_audience_and_duration(
     assert claims["exp"] - claims["iat"] == 600
 
 
-@needs_kubectl
 async def test_kubectl_bound_object(
     door: BrokerServer, pki: HttpPki, emulator: Emulator, tmp_path: Path
 ) -> None:
@@ -142,7 +133,6 @@ async def test_kubectl_bound_object(
     assert claims["kubernetes.io"]["pod"]["name"] == POD
 
 
-@needs_kubectl
 async def test_kubectl_refusal_shows_the_policy_reason(
     door: BrokerServer, pki: HttpPki, emulator: Emulator, tmp_path: Path
 ) -> None:

@@ -23,7 +23,6 @@ from tests.support.http_door import (
     TOKEN_PATH,
     HttpPki,
     exchange_form,
-    http_pki,
     http_settings,
     kube_post,
     oauth_post,
@@ -51,11 +50,6 @@ POLICY = {
     ]
 }
 NO_LIMITS: dict[str, Any] = {"perCaller": None, "perServiceAccount": None, "global": None}
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> HttpPki:
-    return http_pki(tmp_path)
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from tests.support.cli import Pki, Spawn, issue, serve_config
 from tests.support.http_door import (
     TOKEN_PATH,
     HttpPki,
-    http_pki,
     http_settings,
     kube_post,
     request,
@@ -32,11 +31,6 @@ from tests.support.http_door import (
 from tests.support.stack import CALLER_KEY
 
 AUDIENCE = "https://vault.example.com"
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> HttpPki:
-    return http_pki(tmp_path)
 
 
 @pytest.fixture

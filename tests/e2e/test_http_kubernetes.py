@@ -23,7 +23,6 @@ from tests.support.http_door import (
     PROTOBUF,
     TOKEN_PATH,
     HttpPki,
-    http_pki,
     http_settings,
     kube_post,
     request,
@@ -56,11 +55,6 @@ POLICY = {
         }
     ]
 }
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> HttpPki:
-    return http_pki(tmp_path)
 
 
 @pytest.fixture

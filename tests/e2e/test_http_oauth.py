@@ -24,7 +24,6 @@ from tests.support.http_door import (
     Answer,
     HttpPki,
     exchange_form,
-    http_pki,
     http_settings,
     oauth_post,
     request,
@@ -57,11 +56,6 @@ POLICY = {
         }
     ]
 }
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> HttpPki:
-    return http_pki(tmp_path)
 
 
 @pytest.fixture

@@ -23,7 +23,10 @@ For a person at a terminal (what `make run` starts):
   chooses, null turns it off), HTTPS with a throwaway CA of its own (kubectl sends no
   credentials over plain http://) unless `server.tls` or `server.httpTls` is configured, and
   a kubeconfig for it (`http-door.kubeconfig`: the dev API key as its token) so that stock
-  `kubectl create token` works against the broker.
+  `kubectl create token` works against the broker;
+- unless the configuration names JWT issuers of its own, a throwaway JWT issuer
+  (broker.dev_issuer) and a subject token of it in `subject.jwt`, so that the OAuth token
+  exchange (`POST /oauth2/token`) can be tried: the dev policy lets its subject have tokens.
 """
 
 from __future__ import annotations
@@ -41,7 +44,12 @@ import yaml
 
 from broker.authn_apikeys import generate_api_key, hash_api_key
 from broker.config import Settings, TLSSettings, split_host_port
+from broker.dev_issuer import ISSUER as DEV_JWT_ISSUER
+from broker.dev_issuer import SUBJECT as DEV_JWT_SUBJECT
+from broker.dev_issuer import DevIssuer, issuer_settings, write_dev_issuer
 from broker.emulator import Emulator, generate_pki
+from broker.http_oauth import GRANT_TYPE, TOKEN_TYPE_JWT
+from broker.http_oauth import ROUTE as OAUTH_ROUTE
 from broker.listen_ports import bind_error
 from broker.policy import DEV_POLICY_FILE
 from broker.server import BrokerServer, serve_until_signal, signals_while_starting
@@ -166,10 +174,18 @@ def _any_port(listen: str) -> str:
     return f"{host}:0"
 
 
-def dev_settings(settings: Settings, workdir: Path, api_key: str) -> Settings:
+def wants_dev_issuer(settings: Settings) -> bool:
+    """Dev mode runs its own JWT issuer only when the configuration names none: the user's
+    issuers are kept as they are, alone."""
+    return not settings.authentication.jwt.issuers
+
+
+def dev_settings(
+    settings: Settings, workdir: Path, api_key: str, dev_issuer: DevIssuer | None = None
+) -> Settings:
     """The given settings pointed at the emulator, plaintext allowed (on loopback only), with
-    the dev identities and (unless one is configured) the dev policy, and (unless an audit
-    sink is configured) the audit lines in `workdir`."""
+    the dev identities, the dev JWT issuer (when given), and (unless one is configured) the
+    dev policy, and (unless an audit sink is configured) the audit lines in `workdir`."""
     audit_chosen = bool({"sink", "file"} & settings.audit.model_fields_set)
     data = settings.model_dump()
     server = data["server"]
@@ -180,6 +196,9 @@ def dev_settings(settings: Settings, workdir: Path, api_key: str) -> Settings:
     authentication["unix_socket"] = {"identity": DEV_IDENTITY}
     dev_key = {"name": DEV_IDENTITY, "sha256": hash_api_key(api_key)}
     authentication["api_keys"]["keys"] = [*authentication["api_keys"]["keys"], dev_key]
+    if dev_issuer is not None:
+        jwt_issuers = authentication["jwt"]["issuers"]
+        authentication["jwt"]["issuers"] = [*jwt_issuers, issuer_settings(dev_issuer)]
     if data["policy"]["file"] is None:
         data["policy"]["file"] = DEV_POLICY_FILE
     if not audit_chosen:
@@ -251,6 +270,7 @@ def banner(
     workdir: Path,
     moved: tuple[MovedListener, ...] = (),
     http_ca: Path | None = None,
+    subject_token_file: Path | None = None,
 ) -> str:
     settings = server.settings
     token_broker = shlex.join(token_broker_command())
@@ -305,6 +325,15 @@ def banner(
             f" -H 'Content-Type: application/json' -d {shlex.quote(body)}"
             f" {http_url}{token_path}",
         ]
+        if subject_token_file is not None:
+            # The subject token goes from its file into the form: not printed, not in argv.
+            resource = f"system:serviceaccount:{EXAMPLE_NAMESPACE}:{EXAMPLE_SERVICE_ACCOUNT}"
+            http_lines.append(
+                f"  curl{cacert} {http_url}{OAUTH_ROUTE} -d grant_type={GRANT_TYPE}"
+                f" -d subject_token_type={TOKEN_TYPE_JWT}"
+                f" --data-urlencode subject_token@{subject_token_file}"
+                f" -d resource={resource} -d audience=vault"
+            )
 
     def moved_note(key: str) -> list[str]:
         return [
@@ -324,6 +353,14 @@ def banner(
             f" and unix:{server.unix_socket}",
             *moved_note("server.listen"),
             f"callers:    identity `{DEV_IDENTITY}`: the unix socket, or the API key in {key_file}",
+            *(
+                [
+                    f"jwt issuer: {DEV_JWT_ISSUER} (dev only): `{DEV_JWT_SUBJECT}`'s JWT in"
+                    f" {subject_token_file} (valid 1 h from the start), for the OAuth door"
+                ]
+                if subject_token_file is not None
+                else []
+            ),
             *(
                 [f"http door:  {http_url} (Kubernetes TokenRequest; OAuth at /oauth2/token)"]
                 if http_url is not None
@@ -385,7 +422,10 @@ async def run_dev(settings: Settings, out: TextIO | None = None) -> int:
                 dev_http_door, settings, workdir
             )
             moved = (*moved, *http_moved)
-            server = BrokerServer(dev_settings(settings, workdir, api_key))
+            issuer = None
+            if wants_dev_issuer(settings):
+                issuer = await asyncio.to_thread(write_dev_issuer, workdir)
+            server = BrokerServer(dev_settings(settings, workdir, api_key, issuer))
             with signals_while_starting() as started:
                 await server.start()
                 assert server.unix_socket is not None  # dev mode always has one
@@ -404,7 +444,10 @@ async def run_dev(settings: Settings, out: TextIO | None = None) -> int:
                         http_ca,
                         api_key,
                     )
-                stream.write(banner(server, emulator, workdir, moved, http_ca) + "\n")
+                subject_token_file = issuer.subject_token_file if issuer is not None else None
+                stream.write(
+                    banner(server, emulator, workdir, moved, http_ca, subject_token_file) + "\n"
+                )
                 stream.flush()
                 await serve_until_signal(server, started)
         finally:

@@ -46,6 +46,7 @@ from broker.authn_apikeys import generate_api_key, hash_api_key
 from broker.config import Settings, TLSSettings, split_host_port
 from broker.dev_issuer import ISSUER as DEV_JWT_ISSUER
 from broker.dev_issuer import SUBJECT as DEV_JWT_SUBJECT
+from broker.dev_issuer import SUBJECT_TOKEN_SECONDS as DEV_JWT_SECONDS
 from broker.dev_issuer import DevIssuer, issuer_settings, write_dev_issuer
 from broker.emulator import Emulator, generate_pki
 from broker.http_oauth import GRANT_TYPE, TOKEN_TYPE_JWT
@@ -356,7 +357,8 @@ def banner(
             *(
                 [
                     f"jwt issuer: {DEV_JWT_ISSUER} (dev only): `{DEV_JWT_SUBJECT}`'s JWT in"
-                    f" {subject_token_file} (valid 1 h from the start), for the OAuth door"
+                    f" {subject_token_file} (valid {DEV_JWT_SECONDS // 60} min from the start),"
+                    " for the OAuth door"
                 ]
                 if subject_token_file is not None
                 else []

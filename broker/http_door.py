@@ -437,14 +437,21 @@ def _refusal_headers(response: web.Response, error: BrokerError) -> None:
 def _status(
     request: web.BaseRequest, error: kstatus.StatusError, *, allow: bool = False
 ) -> web.Response:
-    response = web.Response(
-        status=error.code,
-        body=kstatus.go_json(
-            error.body(),
-            pretty=kube.is_pretty(request.query, request.headers.get("User-Agent", "")),
-        ),
-        content_type=kube.JSON,
-    )
+    """A Status answer, in the content type the client's Accept prefers (protobuf or JSON;
+    JSON when it accepts neither, the 406 included), as kube-apiserver negotiates errors."""
+    if kube.answer_media_type(request.headers.get("Accept", "")) == kube.PROTOBUF:
+        response = web.Response(
+            status=error.code, body=error.protobuf(), content_type=kube.PROTOBUF
+        )
+    else:
+        response = web.Response(
+            status=error.code,
+            body=kstatus.go_json(
+                error.body(),
+                pretty=kube.is_pretty(request.query, request.headers.get("User-Agent", "")),
+            ),
+            content_type=kube.JSON,
+        )
     response.headers["Cache-Control"] = "no-cache, private"
     response.headers["X-Content-Type-Options"] = "nosniff"
     if allow:

@@ -8,7 +8,8 @@ whose raw bytes are the TokenRequest message: the broker's own `TokenRequest` ha
 field numbers). This module turns that HTTP request into the broker's `CreateTokenRequest`
 (path parameters, body, query parameters `dryRun`, `fieldManager`, `fieldValidation`), and the
 answer back into a `TokenRequest` (201, JSON or protobuf as the client's Accept prefers, JSON
-indented with `pretty`), or a refusal into a `Status` (broker.http_errors has the mapping).
+indented with `pretty`), or a refusal into a `Status` (broker.http_errors has the mapping;
+the door writes it in protobuf or JSON, as the client's Accept prefers).
 
 What kube-apiserver checks before its token handler (the body's media type 415, decoding 400,
 strict field validation 400, the body's apiVersion 400, its namespace against the URL's 400)

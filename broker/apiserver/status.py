@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker.apiserver import wire
+
 # --- Go formatting ------------------------------------------------------------------------
 
 _GO_ESCAPES = {
@@ -140,6 +142,11 @@ class StatusError(Exception):
             out["details"] = self.details
         out["code"] = self.code
         return out
+
+    def protobuf(self) -> bytes:
+        """The Status in the Kubernetes protobuf encoding (`k8s\\0` + runtime.Unknown of kind
+        Status, apiVersion v1), as kube-apiserver answers a client that prefers protobuf."""
+        return wire.encode_envelope(wire.encode_status(self.body()), "v1", "Status")
 
 
 def _details(

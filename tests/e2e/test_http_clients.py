@@ -15,12 +15,11 @@ from pathlib import Path
 
 import kubernetes
 import pytest
-import yaml
 
 from broker.config import KubernetesSettings
 from broker.emulator import Emulator
 from broker.server import BrokerServer
-from tests.support.http_door import HttpPki, http_settings
+from tests.support.http_door import HttpPki, http_settings, serving, write_policy
 from tests.support.stack import (
     CALLER_KEY,
     NAMESPACE,
@@ -58,14 +57,9 @@ KUBECTL = _kubectl()
 async def door(
     kubernetes_settings: KubernetesSettings, pki: HttpPki, tmp_path: Path
 ) -> AsyncIterator[BrokerServer]:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(yaml.safe_dump(POLICY), encoding="utf-8")
-    server = BrokerServer(http_settings(kubernetes_settings, pki, policy=policy))
-    await server.start()
-    try:
+    policy = write_policy(tmp_path, POLICY)
+    async with serving(http_settings(kubernetes_settings, pki, policy=policy)) as server:
         yield server
-    finally:
-        await server.stop(None)
 
 
 async def kubectl(

@@ -23,7 +23,6 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 import pytest
-import yaml
 import yarl
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
@@ -36,7 +35,7 @@ from broker.emulator import Emulator
 from broker.gen.tokenbroker.v1 import token_broker_pb2 as pb
 from broker.server import BrokerServer
 from tests.support.fuzz import FUZZ_SETTINGS, captured_logs, marker, token_claims
-from tests.support.http_door import HttpPki, http_pki, http_settings
+from tests.support.http_door import HttpPki, http_pki, http_settings, write_policy
 from tests.support.jwt_issuer import ISSUER
 from tests.support.stack import CALLER_KEY, NAMESPACE, SERVICE_ACCOUNT
 
@@ -76,8 +75,7 @@ async def door(
     kubernetes_settings: KubernetesSettings, emulator: Emulator, tmp_path: Path
 ) -> AsyncIterator[Door]:
     pki = http_pki(tmp_path)
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(yaml.safe_dump(POLICY), encoding="utf-8")
+    policy = write_policy(tmp_path, POLICY)
     audit = tmp_path / "audit.jsonl"
     settings = http_settings(kubernetes_settings, pki, policy=policy, tls=False, audit_file=audit)
     async with BrokerServer(settings) as server, aiohttp.ClientSession() as session:

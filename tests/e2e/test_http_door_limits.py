@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from broker.config import KubernetesSettings
 from broker.emulator import Emulator
@@ -27,6 +26,7 @@ from tests.support.http_door import (
     kube_post,
     oauth_post,
     token_request_body,
+    write_policy,
 )
 from tests.support.jwt_issuer import ISSUER
 from tests.support.stack import NAMESPACE, POD, SERVICE_ACCOUNT
@@ -54,9 +54,7 @@ NO_LIMITS: dict[str, Any] = {"perCaller": None, "perServiceAccount": None, "glob
 
 @pytest.fixture
 def policy(tmp_path: Path) -> Path:
-    path = tmp_path / "policy.yaml"
-    path.write_text(yaml.safe_dump(POLICY), encoding="utf-8")
-    return path
+    return write_policy(tmp_path, POLICY)
 
 
 @pytest.fixture

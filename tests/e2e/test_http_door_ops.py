@@ -26,6 +26,7 @@ from tests.support.http_door import (
     http_settings,
     kube_post,
     request,
+    serving,
     token_request_body,
 )
 from tests.support.stack import CALLER_KEY
@@ -37,12 +38,8 @@ AUDIENCE = "https://vault.example.com"
 async def door(
     kubernetes_settings: KubernetesSettings, pki: HttpPki
 ) -> AsyncIterator[BrokerServer]:
-    server = BrokerServer(http_settings(kubernetes_settings, pki))
-    await server.start()
-    try:
+    async with serving(http_settings(kubernetes_settings, pki)) as server:
         yield server
-    finally:
-        await server.stop(None)
 
 
 def sample(server: BrokerServer, name: str, **labels: str) -> float:

@@ -26,7 +26,9 @@ from tests.support.http_door import (
     http_settings,
     kube_post,
     request,
+    serving,
     token_request_body,
+    write_policy,
 )
 from tests.support.jwt_issuer import ISSUER
 from tests.support.stack import (
@@ -59,9 +61,7 @@ POLICY = {
 
 @pytest.fixture
 def policy_file(tmp_path: Path) -> Path:
-    path = tmp_path / "policy.yaml"
-    path.write_text(yaml.safe_dump(POLICY), encoding="utf-8")
-    return path
+    return write_policy(tmp_path, POLICY)
 
 
 @pytest.fixture
@@ -71,12 +71,8 @@ async def door(
     settings = http_settings(
         kubernetes_settings, pki, policy=policy_file, audit_file=tmp_path / "audit.jsonl"
     )
-    server = BrokerServer(settings)
-    await server.start()
-    try:
+    async with serving(settings) as server:
         yield server
-    finally:
-        await server.stop(None)
 
 
 def audit_lines(tmp_path: Path) -> list[dict[str, Any]]:

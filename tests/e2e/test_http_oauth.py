@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from authlib.integrations.requests_client import OAuth2Session
 from authlib.integrations.requests_client import OAuthError as AuthlibOAuthError
 
@@ -27,6 +26,8 @@ from tests.support.http_door import (
     http_settings,
     oauth_post,
     request,
+    serving,
+    write_policy,
 )
 from tests.support.jwt_issuer import ISSUER
 from tests.support.stack import (
@@ -62,17 +63,12 @@ POLICY = {
 async def door(
     kubernetes_settings: KubernetesSettings, pki: HttpPki, tmp_path: Path
 ) -> AsyncIterator[BrokerServer]:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(yaml.safe_dump(POLICY), encoding="utf-8")
+    policy = write_policy(tmp_path, POLICY)
     settings = http_settings(
         kubernetes_settings, pki, policy=policy, audit_file=tmp_path / "audit.jsonl"
     )
-    server = BrokerServer(settings)
-    await server.start()
-    try:
+    async with serving(settings) as server:
         yield server
-    finally:
-        await server.stop(None)
 
 
 def subject(pki: HttpPki, **claims: Any) -> str:

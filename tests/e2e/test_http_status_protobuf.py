@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from broker.config import KubernetesSettings
 from broker.emulator import Emulator
@@ -23,7 +22,9 @@ from tests.support.http_door import (
     HttpPki,
     http_settings,
     kube_post,
+    serving,
     token_request_body,
+    write_policy,
 )
 from tests.support.stack import NAMESPACE, OTHER_SERVICE_ACCOUNT
 from tests.unit.test_status_protobuf import fields, status_of, value
@@ -35,14 +36,9 @@ REFUSED_PATH = f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts/{OTHER_SERVICE_A
 async def door(
     kubernetes_settings: KubernetesSettings, pki: HttpPki, tmp_path: Path
 ) -> AsyncIterator[BrokerServer]:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(yaml.safe_dump(POLICY), encoding="utf-8")
-    server = BrokerServer(http_settings(kubernetes_settings, pki, policy=policy))
-    await server.start()
-    try:
+    policy = write_policy(tmp_path, POLICY)
+    async with serving(http_settings(kubernetes_settings, pki, policy=policy)) as server:
         yield server
-    finally:
-        await server.stop(None)
 
 
 def text(message: list[tuple[int, int, int | bytes]], number: int) -> str:

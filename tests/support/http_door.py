@@ -7,14 +7,16 @@ test issuer; `kube_post` and `oauth_post` send raw requests with aiohttp.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
 from broker.authn import hash_api_key
 from broker.config import KubernetesSettings, Settings, load_settings
@@ -44,6 +46,24 @@ def http_pki(tmp_path: Path) -> HttpPki:
     signer = Signer(rsa_key(), "http-door-kid", "RS256")
     jwks_file = write_jwks(tmp_path / "jwks.json", signer.jwk())
     return HttpPki(server, signer, jwks_file)
+
+
+def write_policy(directory: Path, policy: Mapping[str, Any]) -> Path:
+    """`policy` as `directory`/policy.yaml, for `http_settings(policy=...)`."""
+    path = directory / "policy.yaml"
+    path.write_text(yaml.safe_dump(dict(policy)), encoding="utf-8")
+    return path
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[BrokerServer]:
+    """A started broker; stopped at once afterwards (calls still in flight cancelled)."""
+    server = BrokerServer(settings)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(None)
 
 
 def http_settings(
